@@ -1,0 +1,97 @@
+"""Checkpoints: atomic writes, loading that never runs code, finding the one to resume from."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "sagan-checkpoint-v1"
+_STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unsafe, corrupt or from another architecture."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash at any moment leaves either the old file or the new one, whole.
+
+    A temporary file in the same directory is written and fsync'ed, then renamed over `path` (os.replace is atomic
+    within a filesystem), then the directory entry is fsync'ed.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int) -> Path:
+    """Write `step_XXXXXXX.pt` and `last.pt` (same bytes, serialised once), keeping the newest `keep_last` step files."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    data = buffer.getvalue()
+    if keep_last > 0:
+        atomic_write(ckpt_dir / f"step_{step:07d}.pt", data)
+        for old in sorted(step_files(ckpt_dir))[:-keep_last]:
+            old.unlink()
+    last = ckpt_dir / "last.pt"
+    atomic_write(last, data)
+    return last
+
+
+def step_files(ckpt_dir: Path) -> list[Path]:
+    return [p for p in ckpt_dir.glob("step_*.pt") if _STEP_FILE.search(p.name)]
+
+
+def find_latest(ckpt_dir: Path) -> Path | None:
+    """The checkpoint `train.resume=auto` continues: last.pt, else the highest step file, else None."""
+    if (ckpt_dir / "last.pt").is_file():
+        return ckpt_dir / "last.pt"
+    steps = step_files(ckpt_dir)
+    return max(steps, key=lambda p: int(_STEP_FILE.search(p.name).group(1))) if steps else None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU with `weights_only=True`: tensors and plain containers only, never code."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist: pass the path of a .pt file written by sagan-train")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"refused to load '{path}': it needs more than tensors and plain containers to unpickle ({first}); "
+            "sagan checkpoints never do, so it is not one of ours or has been tampered with"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt ({reason}): use an earlier checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not a sagan checkpoint (no '{FORMAT}' marker)")
+    return state
+
+
+def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Fail with the differing keys, not a wall of state-dict names, when a checkpoint's model config differs."""
+    keys = sorted((set(saved) | set(current)) - {"name"})  # a renamed preset with the same values is the same model
+    diffs = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint '{path}' is from another architecture: {'; '.join(diffs)}")

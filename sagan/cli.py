@@ -1,0 +1,48 @@
+"""What every entry point shares: one-line errors for bad input instead of tracebacks."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
+from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
+
+# Errors that mean "your input is wrong", not "the program is wrong": shown as one line (HYDRA_FULL_ERROR=1 shows
+# the traceback).
+USER_ERRORS = (ValueError, OSError, HydraException, OmegaConfBaseException)
+
+
+def one_line(error: BaseException) -> str:
+    """The gist of an error message on one line, without Hydra's and OmegaConf's detail lines."""
+    if isinstance(error.__cause__, ConfigAttributeError) and "Could not override" in str(error):
+        key = str(error).split("'")[1]
+        return f"unknown config key '{key}' (misspelt?): `sagan-train --cfg job` prints every key"
+    message = str(error).split("Config search path")[0]
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    keep = [line for line in lines if not line.startswith(("full_key", "object_type", "reference_type", "To append"))]
+    if isinstance(error, HydraException) and error.__cause__ is not None and str(error.__cause__).strip():
+        keep.append("(" + str(error.__cause__).strip().splitlines()[0] + ")")  # e.g. why an override did not merge
+    return " ".join(keep) or type(error).__name__
+
+
+def check_composes(overrides: Sequence[str], config_name: str = "config") -> None:
+    """Compose the config once with the user's overrides, so a misspelt key fails in one line before Hydra starts."""
+    with initialize_config_module(config_module="sagan.conf", version_base="1.3"):
+        compose(config_name=config_name, overrides=list(overrides))
+
+
+def run_cli(fn: Callable[[], object], *, check_overrides: Sequence[str] | None = None) -> None:
+    """Run an entry point; a user error prints `error: <one line>` to stderr and exits with status 1."""
+    try:
+        # With Hydra flags (--cfg, -m for sweeps, --help, ...) Hydra parses and checks the command line itself.
+        if check_overrides is not None and not any(a.startswith("-") for a in check_overrides):
+            check_composes([a for a in check_overrides if not a.split("=")[0].lstrip("+~").startswith("hydra")])
+        fn()
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,107 @@
+"""The configuration schema. Registered in Hydra's ConfigStore so that a misspelt or mistyped key fails at once.
+
+conf/*.yaml fill in values (presets, datasets, experiments); these dataclasses say which keys exist and their types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sagan32"
+    resolution: int = 32
+    z_dim: int = 128
+    g_ch: int = 64
+    d_ch: int = 64
+    g_attn: list[int] = field(default_factory=lambda: [16])  # feature-map sizes that get self-attention
+    d_attn: list[int] = field(default_factory=lambda: [16])
+    attn_pool: int = 2  # max-pool of keys/values; 1 = none
+    g_sn: bool = True  # spectral norm in G: false runs the paper's ablation
+    d_sn: bool = True
+    init: str = "xavier"  # xavier (official) | orthogonal (BigGAN) | normal (N(0, 0.02))
+    conditional: bool = False  # class-conditional G (cBN) and D (projection); needs labelled data
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"  # cifar10 | cifar100 | stl10 | celeba | folder | demo
+    root: Optional[str] = None  # dataset folder (torchvision) or a folder / .zip of images (folder)
+    download: bool = True  # torchvision datasets: download on first use
+    split: str = "train"
+    hflip: bool = True  # random horizontal flips
+    in_memory: bool = False  # decode once into one tensor on the training device (small datasets)
+    num_workers: int = 4
+    size: Optional[int] = None  # number of images of the generated demo set
+    skip_bad: bool = False  # skip unreadable images instead of failing
+
+
+@dataclass
+class LossConfig:
+    name: str = "hinge"  # hinge | nonsaturating | wasserstein
+
+
+@dataclass
+class OptimConfig:
+    # TTUR (paper, section 5): D learns 4x faster than G; beta1 = 0, beta2 = 0.9.
+    lr_g: float = 1e-4
+    lr_d: float = 4e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+    n_dis: int = 1  # D steps per G step
+    ema_decay: float = 0.9999
+    ema_start: int = 1000  # G steps before averaging starts (G_ema copies G until then)
+
+
+@dataclass
+class LoggerConfig:
+    log_every: int = 100  # steps between log lines / progress updates
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100_000  # G steps
+    batch_size: int = 64
+    seed: int = 0
+    resume: Optional[str] = None  # auto: newest checkpoint of this run directory, or a checkpoint path
+    ckpt_every: int = 2000
+    keep_last: int = 3  # step-numbered checkpoints kept besides last.pt
+    sample_every: int = 1000
+    num_samples: int = 64  # images in each sample grid
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    experiment: Optional[str] = None  # name of the experiment preset, for the run name
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def check_config(cfg: Any) -> None:
+    """Reject impossible values before any work, one line each."""
+    rules = [
+        (cfg.train.steps >= 0, f"train.steps must be >= 0, got {cfg.train.steps}"),
+        (cfg.train.batch_size > 0, f"train.batch_size must be > 0, got {cfg.train.batch_size}"),
+        (cfg.optim.lr_g > 0 and cfg.optim.lr_d > 0, f"learning rates must be > 0, got lr_g={cfg.optim.lr_g} lr_d={cfg.optim.lr_d}"),
+        (0 <= cfg.optim.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}"),
+        (cfg.optim.n_dis >= 1, f"optim.n_dis must be >= 1, got {cfg.optim.n_dis}"),
+        (cfg.train.ckpt_every > 0 and cfg.train.sample_every > 0, "train.ckpt_every and train.sample_every must be > 0"),
+        (cfg.train.keep_last >= 0, f"train.keep_last must be >= 0, got {cfg.train.keep_last}"),
+        (cfg.logger.log_every > 0, f"logger.log_every must be > 0, got {cfg.logger.log_every}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)

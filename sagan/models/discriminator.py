@@ -1,0 +1,104 @@
+"""The SAGAN discriminator (official `discriminator.py`, generalised to 32-256 px) with a projection head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sagan.models.attention import SelfAttention2d
+from sagan.models.generator import check_attn_resolutions
+from sagan.models.layers import apply_spectral_norm, check_labels, init_weights
+
+# (width multiplier of `ch`, down-sample?) per block, from the input resolution down. 128 px is the paper's ImageNet
+# discriminator (64..1024, 1024 for ch=64); 32 px is the CIFAR-10 ResNet of SNGAN/StudioGAN (constant 128 for ch=64,
+# ending at 8x8); 64 and 256 follow BigGAN.
+ARCH = {
+    32: ((2, True), (2, True), (2, False), (2, False)),
+    64: ((1, True), (2, True), (4, True), (8, True), (16, False)),
+    128: ((1, True), (2, True), (4, True), (8, True), (16, True), (16, False)),
+    256: ((1, True), (2, True), (4, True), (8, True), (8, True), (16, True), (16, False)),
+}
+
+
+class DBlock(nn.Module):
+    """Residual down-block: [ReLU]-conv3x3-ReLU-conv3x3-[avgpool], with a 1x1-conv shortcut where shapes change.
+
+    `first=True` is the official "optimised" first block: no ReLU on the input image, and always a shortcut conv.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, *, downsample: bool, first: bool = False) -> None:
+        super().__init__()
+        self.downsample, self.first = downsample, first
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if first or downsample or in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(F.relu(self.conv1(x if self.first else F.relu(x))))
+        s = x
+        if self.downsample:
+            h, s = F.avg_pool2d(h, 2), F.avg_pool2d(s, 2)
+        # Pooling before the 1x1 conv equals the official conv-then-pool (both linear), at a quarter of the cost.
+        return h + (self.shortcut(s) if self.shortcut is not None else s)
+
+
+class Discriminator(nn.Module):
+    """Images (B, 3, resolution, resolution) [and labels y (B,)] -> logits (B,).
+
+    Optimised first block, residual down-blocks, self-attention after the first block that produces each of
+    `attn_resolutions`, ReLU, global sum pooling, SN-linear logit, plus the projection <embed(y), h> when
+    class-conditional (Miyato & Koyama 2018).
+    """
+
+    def __init__(
+        self,
+        *,
+        ch: int = 64,
+        resolution: int = 32,
+        attn_resolutions: Sequence[int] = (16,),
+        num_classes: int = 0,
+        attn_pool: int = 2,
+        sn: bool = True,
+        init: str = "xavier",
+    ) -> None:
+        super().__init__()
+        if resolution not in ARCH:
+            raise ValueError(f"unsupported discriminator resolution {resolution}: choose one of {sorted(ARCH)}")
+        self.resolution, self.num_classes = resolution, num_classes
+        sizes, size = [], resolution
+        for _, downsample in ARCH[resolution]:
+            size //= 2 if downsample else 1
+            sizes.append(size)
+        check_attn_resolutions(attn_resolutions, sizes, "the discriminator")
+
+        self.blocks = nn.ModuleDict()
+        in_ch, placed = 3, set()
+        for i, ((mult, downsample), size) in enumerate(zip(ARCH[resolution], sizes)):
+            self.blocks[f"block{i}"] = DBlock(in_ch, ch * mult, downsample=downsample, first=i == 0)
+            in_ch = ch * mult
+            if size in attn_resolutions and size not in placed:
+                self.blocks[f"attn{size}"] = SelfAttention2d(in_ch, pool=attn_pool, sn=False)
+                placed.add(size)
+        self.linear = nn.Linear(in_ch, 1)
+        self.embed = nn.Embedding(num_classes, in_ch) if num_classes > 0 else None
+
+        init_weights(self, init)
+        if sn:
+            apply_spectral_norm(self)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        r = self.resolution
+        if x.ndim != 4 or x.shape[1:] != (3, r, r):
+            raise ValueError(f"expected images of shape (B, 3, {r}, {r}), got {tuple(x.shape)}")
+        check_labels(y, x.shape[0], self.num_classes)
+        h = x
+        for block in self.blocks.values():
+            h = block(h)
+        h = F.relu(h).sum(dim=(2, 3))  # global sum pooling: (B, C, H, W) -> (B, C)
+        out = self.linear(h).squeeze(1)
+        if self.embed is not None:
+            out = out + (self.embed(y) * h).sum(dim=1)
+        return out

@@ -1,0 +1,125 @@
+"""One GAN training step (n_dis D steps, one G step, EMA) and the state a checkpoint needs to continue it exactly."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from sagan.losses import get_losses
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range of G's tanh."""
+    return images.float().div_(127.5).sub_(1)
+
+
+class Trainer:
+    """G, D, G_ema, both Adam optimizers and the latent RNG: everything one step touches and a checkpoint holds.
+
+    Knows nothing about configs, files or logging; `train.py` drives it.
+    """
+
+    def __init__(
+        self,
+        G: nn.Module,
+        D: nn.Module,
+        *,
+        loss: str = "hinge",
+        lr_g: float = 1e-4,
+        lr_d: float = 4e-4,
+        betas: tuple[float, float] = (0.0, 0.9),
+        n_dis: int = 1,
+        ema_decay: float = 0.9999,
+        ema_start: int = 1000,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.G, self.D = G.to(self.device), D.to(self.device)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas)
+        self.d_loss_fn, self.g_loss_fn = get_losses(loss)
+        self.n_dis, self.ema_decay, self.ema_start = n_dis, ema_decay, ema_start
+        # Latents and fake labels come from their own generator, saved in checkpoints, so resume is exact.
+        self.rng = torch.Generator(self.device).manual_seed(seed)
+        self.step = 0  # G steps done
+
+    def sample_latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = torch.randn(n, self.G.z_dim, generator=self.rng, device=self.device)
+        if self.G.num_classes == 0:
+            return z, None
+        return z, torch.randint(self.G.num_classes, (n,), generator=self.rng, device=self.device)
+
+    def d_step(self, real: torch.Tensor, y_real: torch.Tensor | None) -> torch.Tensor:
+        z, y_fake = self.sample_latents(real.shape[0])
+        with torch.no_grad():
+            fake = self.G(z, y_fake)
+        # Real and fake in one forward: one spectral-norm power iteration per D step, as the official code does.
+        y = None if y_real is None else torch.cat([y_real, y_fake])
+        logits = self.D(torch.cat([real, fake]), y)
+        loss = self.d_loss_fn(*logits.chunk(2))
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_d.step()
+        return loss.detach()
+
+    def g_step(self, batch_size: int) -> torch.Tensor:
+        z, y = self.sample_latents(batch_size)
+        loss = self.g_loss_fn(self.D(self.G(z, y), y))
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def ema_update(self) -> None:
+        """G_ema <- decay * G_ema + (1 - decay) * G after `ema_start` steps, a copy of G before.
+
+        Buffers (BatchNorm statistics, spectral-norm u and v) are copied, never averaged: averaged u/v vectors shrink
+        and under-estimate sigma.
+        """
+        ema_params, params = list(self.G_ema.parameters()), list(self.G.parameters())
+        if self.step < self.ema_start:
+            torch._foreach_copy_(ema_params, params)
+        else:
+            torch._foreach_lerp_(ema_params, params, 1 - self.ema_decay)
+        torch._foreach_copy_(list(self.G_ema.buffers()), list(self.G.buffers()))
+
+    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """n_dis D steps on fresh real batches, one G step, one EMA update. Losses stay on the device (no sync).
+
+        Real labels are used only by a class-conditional model; an unconditional one ignores them.
+        """
+        self.G.train(), self.D.train()
+        for _ in range(self.n_dis):
+            images, labels = next(batches)
+            d_loss = self.d_step(to_float(images), labels if self.G.num_classes else None)
+        g_loss = self.g_step(images.shape[0])
+        self.step += 1
+        self.ema_update()
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "rng": self.rng.get_state(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.rng.set_state(state["rng"])
+        self.step = state["step"]

@@ -1,0 +1,191 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from sagan.models import Discriminator, Generator, SelfAttention2d, attention_gammas, spectral_sigmas
+from sagan.models.layers import init_weights
+
+# The attention placements of the presets (conf/model/*.yaml), at tiny widths.
+ATTN = {32: (16,), 64: (32,), 128: (32,), 256: (64,)}
+
+
+def tiny(resolution: int, num_classes: int = 0, **kw) -> tuple[Generator, Discriminator]:
+    attn = kw.pop("attn", ATTN[resolution])
+    G = Generator(z_dim=16, ch=8, resolution=resolution, attn_resolutions=attn, num_classes=num_classes, **kw)
+    D = Discriminator(ch=8, resolution=resolution, attn_resolutions=attn, num_classes=num_classes, **kw)
+    return G, D
+
+
+def explicit_attention(block: SelfAttention2d, x: torch.Tensor) -> torch.Tensor:
+    """The same maths with the (N x N/p^2) matrix written out, as most PyTorch SAGANs do it."""
+    B, C, H, W = x.shape
+    theta = block.query(x).flatten(2)  # (B, C/8, N)
+    phi = F.max_pool2d(block.key(x), block.pool).flatten(2)  # (B, C/8, N/p^2)
+    g = F.max_pool2d(block.value(x), block.pool).flatten(2)  # (B, C/2, N/p^2)
+    beta = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), dim=-1)  # (B, N, N/p^2), no 1/sqrt(d)
+    o = torch.bmm(g, beta.transpose(1, 2)).view(B, C // 2, H, W)
+    return x + block.gamma * block.out(o)
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 128, 256])
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_output_shapes(resolution, num_classes):
+    G, D = tiny(resolution, num_classes)
+    y = torch.arange(3) % num_classes if num_classes else None
+    x = G(torch.randn(3, 16), y)
+    assert x.shape == (3, 3, resolution, resolution)
+    assert x.abs().max() <= 1
+    assert D(x, y).shape == (3,)
+
+
+def test_bad_inputs_fail_clearly():
+    G, D = tiny(32, num_classes=5)
+    z, y = torch.randn(2, 16), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"z of shape \(B, 16\)"):
+        G(torch.randn(2, 17), y)
+    with pytest.raises(ValueError, match="class-conditional"):
+        G(z)
+    with pytest.raises(ValueError, match=r"in \[0, 5\)"):
+        G(z, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="int64 tensor of shape"):
+        D(torch.zeros(2, 3, 32, 32), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"images of shape \(B, 3, 32, 32\)"):
+        D(torch.zeros(2, 3, 64, 64), y)
+    G0, _ = tiny(32)
+    with pytest.raises(ValueError, match="unconditional"):
+        G0(z, y)
+
+
+def test_bad_architecture_fails_clearly():
+    with pytest.raises(ValueError, match=r"no feature map of size \[64\].*\[8, 16, 32\]"):
+        Generator(ch=8, resolution=32, attn_resolutions=(64,))
+    with pytest.raises(ValueError, match=r"no feature map of size \[32\].*\[8, 16\]"):
+        Discriminator(ch=8, resolution=32, attn_resolutions=(32,))
+    with pytest.raises(ValueError, match="unsupported generator resolution 48"):
+        Generator(resolution=48)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        SelfAttention2d(12)
+
+
+def test_attention_placement_follows_resolutions():
+    G, D = tiny(128, attn=(32, 64))
+    names = list(G.blocks)
+    assert names.index("attn32") == names.index("block2") + 1  # block2 produces 32x32
+    assert names.index("attn64") == names.index("block3") + 1
+    assert list(attention_gammas(D)) == ["blocks.attn64", "blocks.attn32"]  # D goes down in size
+    x = G(torch.randn(2, 16))
+    assert D(x).shape == (2,)
+
+
+def test_zero_gamma_is_identity_but_gamma_learns():
+    block = SelfAttention2d(16)
+    assert block.gamma.item() == 0.0
+    x = torch.randn(2, 16, 8, 8)
+    y = block(x)
+    assert torch.equal(y, x)
+    (y * torch.randn_like(y)).sum().backward()
+    assert block.gamma.grad is not None and block.gamma.grad.abs() > 0
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_sdpa_forward_matches_explicit_matrix(pool):
+    torch.manual_seed(0)
+    block = SelfAttention2d(32, pool=pool).eval()
+    with torch.no_grad():
+        block.gamma.fill_(0.7)
+    x = torch.randn(3, 32, 8, 8)
+    torch.testing.assert_close(block(x), explicit_attention(block, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_attention_maps_are_softmax_rows_that_match_forward(pool):
+    torch.manual_seed(0)
+    block = SelfAttention2d(32, pool=pool).eval()
+    with torch.no_grad():
+        block.gamma.fill_(1.3)
+    x = torch.randn(2, 32, 8, 8)
+    maps = block.attention_maps(x)
+    assert maps.shape == (2, 64, 8 // pool, 8 // pool)
+    torch.testing.assert_close(maps.sum(dim=(2, 3)), torch.ones(2, 64))
+    # Rebuild the forward output from the maps: x + gamma * o(beta @ values).
+    value = block.value(x)
+    value = F.max_pool2d(value, pool) if pool > 1 else value
+    attended = maps.flatten(2) @ value.flatten(2).transpose(1, 2)  # (B, N, C/2)
+    o = attended.transpose(1, 2).reshape(2, 16, 8, 8)
+    torch.testing.assert_close(block(x), x + block.gamma * block.out(o), atol=1e-5, rtol=1e-5)
+    # Selected queries are the matching rows of the full set.
+    some = block.attention_maps(x, queries=[(0, 0), (3, 5), (7, 7)])
+    torch.testing.assert_close(some, maps[:, [0, 3 * 8 + 5, 63]])
+    with pytest.raises(ValueError, match="query positions"):
+        block.attention_maps(x, queries=[(8, 0)])
+
+
+def test_attention_scores_are_not_scaled():
+    """The maps are the softmax of raw query-key products: a 1/sqrt(d) port (transformer habit) fails this."""
+    torch.manual_seed(0)
+    block = SelfAttention2d(32, pool=1, sn=False)
+    x = torch.randn(1, 32, 6, 6)
+    maps = block.attention_maps(x).flatten(2)
+    logits = block.query(x).flatten(2).transpose(1, 2) @ block.key(x).flatten(2)
+    torch.testing.assert_close(maps[0], torch.softmax(logits[0], dim=-1))
+
+
+@pytest.mark.parametrize("init", ["xavier", "orthogonal", "normal"])
+def test_spectral_norm_converges_to_one(init):
+    torch.manual_seed(0)
+    G, D = tiny(32, num_classes=3, init=init)
+    for net in (G, D):
+        net.train()
+        x = torch.randn(4, 16) if net is G else torch.randn(4, 3, 32, 32)
+        with torch.no_grad():
+            for _ in range(30):  # one power iteration per forward
+                net(x, torch.tensor([0, 1, 2, 0]))
+        checked = 0
+        for m in net.modules():
+            if parametrize.is_parametrized(m, "weight"):
+                w = m.weight.detach().flatten(1)  # the normalised weight the layer uses
+                sigma = torch.linalg.matrix_norm(w, ord=2)
+                assert abs(sigma.item() - 1) < 0.05, (type(m).__name__, sigma.item())
+                checked += 1
+        assert checked == len(spectral_sigmas(net)) > 0
+
+
+def test_every_conv_linear_embedding_is_normalised_and_switchable():
+    G, D = tiny(32, num_classes=3)
+    layers = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Embedding)
+    for net in (G, D):
+        assert all(parametrize.is_parametrized(m, "weight") for m in net.modules() if isinstance(m, layers))
+    G_plain = Generator(z_dim=16, ch=8, resolution=32, sn=False)
+    assert not any(parametrize.is_parametrized(m) for m in G_plain.modules())
+    assert spectral_sigmas(G_plain) == {}
+
+
+def test_readouts_are_named():
+    G, D = tiny(64, num_classes=3)
+    assert list(attention_gammas(G)) == ["blocks.attn32"]
+    sigmas = spectral_sigmas(D)
+    assert {"linear", "embed", "blocks.block0.conv1", "blocks.attn32.query"} <= set(sigmas)
+    assert all(s.ndim == 0 and s > 0 for s in sigmas.values())
+
+
+def test_init_schemes():
+    conv = torch.nn.Conv2d(64, 64, 3)
+    init_weights(conv, "normal")
+    assert abs(conv.weight.std().item() - 0.02) < 0.002
+    init_weights(conv, "orthogonal")
+    w = conv.weight.flatten(1)
+    torch.testing.assert_close(w @ w.T, torch.eye(64), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="unknown init scheme 'he'"):
+        init_weights(conv, "he")
+
+
+def test_deepcopy_after_forward():
+    G, _ = tiny(32, num_classes=3)
+    z, y = torch.randn(2, 16), torch.tensor([0, 2])
+    G(z, y)
+    G_ema = copy.deepcopy(G)
+    G.eval(), G_ema.eval()
+    assert torch.equal(G(z, y), G_ema(z, y))

@@ -1,0 +1,153 @@
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose_config
+from sagan.checkpoint import load_checkpoint
+from sagan.train import build_models, train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds(experiment):
+    cfg = compose_config(f"experiment={experiment}", "model.g_ch=8", "model.d_ch=8")
+    assert cfg.experiment == experiment
+    G, D = build_models(cfg.model, num_classes=3 if cfg.model.conditional else 0)
+    assert G.resolution == D.resolution == cfg.model.resolution
+
+
+@pytest.mark.parametrize("model", ["sagan32", "sagan64", "sagan128", "sagan256"])
+def test_every_model_preset_composes(model):
+    cfg = compose_config(f"model={model}")
+    assert cfg.model.name == model and cfg.model.resolution == int(model[5:])
+
+
+def test_smoke_run_writes_checkpoint_and_samples(tiny_cfg, tmp_path):
+    result = train(tiny_cfg("train.steps=3", "train.sample_every=2"), tmp_path)
+    assert result["step"] == 3
+    assert math.isfinite(result["d_loss"]) and math.isfinite(result["g_loss"])
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "checkpoints" / "step_0000003.pt").is_file()
+    assert (tmp_path / "config.yaml").is_file()
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
+    assert grids == ["step_0000000.png", "step_0000002.png", "step_0000003.png"]
+    assert 0 <= result["mirror_consistency"] <= 1  # the demo data reports its score
+    assert Image.open(tmp_path / "samples" / grids[0]).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # 2x2 grid, padding 2
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["trainer"]["step"] == 3 and state["config"]["train"]["steps"] == 3
+
+
+def test_keep_last_prunes_step_checkpoints(tiny_cfg, tmp_path):
+    train(tiny_cfg("train.steps=4", "train.ckpt_every=1", "train.keep_last=2"), tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["last.pt", "step_0000003.pt", "step_0000004.pt"]
+
+
+def assert_same_state(a: dict, b: dict, where: str = "") -> None:
+    assert a.keys() == b.keys(), where
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), f"{where}.{k} differs"
+        else:
+            assert a[k] == b[k], f"{where}.{k} differs"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["model.conditional=true", "optim.n_dis=2"],  # in-memory data, labels, two D steps per G step
+        ["data.in_memory=false", "data.hflip=true"],  # DataLoader path with flips
+    ],
+    ids=["in_memory_conditional", "dataloader_hflip"],
+)
+def test_resume_is_exact(tiny_cfg, tmp_path, extra):
+    """N steps, stop, resume for N more == 2N steps straight, bit for bit (G, D, G_ema, optimizers, RNG)."""
+    common = ["optim.ema_start=2", "optim.ema_decay=0.9", "data.size=24", *extra]  # EMA averages across the restart
+    train(tiny_cfg("train.steps=6", *common), tmp_path / "straight")
+    train(tiny_cfg("train.steps=3", *common), tmp_path / "split")
+    train(tiny_cfg("train.steps=6", "train.resume=auto", *common), tmp_path / "split")
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert straight["trainer"]["step"] == split["trainer"]["step"] == 6
+    assert straight["data"] == split["data"]
+    assert_same_state(straight["trainer"], split["trainer"])
+    # Sanity: the state did move, so the comparison is not between two untouched models.
+    first = load_checkpoint(tmp_path / "split" / "checkpoints" / "step_0000003.pt")
+    assert not torch.equal(first["trainer"]["G"]["linear.bias"], split["trainer"]["G"]["linear.bias"])
+
+
+def test_resume_from_path_and_auto_without_checkpoint(tiny_cfg, tmp_path):
+    train(tiny_cfg("train.steps=2"), tmp_path / "a")
+    result = train(tiny_cfg("train.steps=3", f"train.resume={tmp_path / 'a' / 'checkpoints' / 'step_0000002.pt'}"), tmp_path / "b")
+    assert result["step"] == 3
+    assert train(tiny_cfg("train.steps=1", "train.resume=auto"), tmp_path / "c")["step"] == 1
+
+
+def test_resume_with_another_architecture_names_the_difference(tiny_cfg, tmp_path):
+    train(tiny_cfg("train.steps=1"), tmp_path)
+    with pytest.raises(ValueError, match=r"another architecture: model.g_ch: 4 in the checkpoint, 8 now"):
+        train(tiny_cfg("train.steps=2", "train.resume=auto", "model.g_ch=8"), tmp_path)
+
+
+def test_conditional_needs_labels(tiny_cfg, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for i in range(8):
+        Image.new("RGB", (40, 40), (i * 30, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")
+    with pytest.raises(ValueError, match="model.conditional=true needs labelled data"):
+        train(tiny_cfg("data=folder", f"data.root={tmp_path / 'imgs'}", "data.size=null", "model.conditional=true"), tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.batch_size=0", "train.batch_size must be > 0"),
+        ("optim.lr_d=-1", "learning rates must be > 0"),
+        ("model.g_attn=[64]", "the generator has no feature map of size [64]"),
+    ],
+)
+def test_impossible_values_fail_before_work(tiny_cfg, tmp_path, override, message):
+    with pytest.raises(ValueError) as error:
+        train(tiny_cfg(override), tmp_path)
+    assert message in str(error.value)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sagan.train", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["optim.lr_dd=1e-4"], "lr_dd"),
+        (["data=folder"], "data.root"),
+        (["data=folder", "data.root=/no/such/folder"], "/no/such/folder"),
+        (["model=sagan48"], "sagan48"),
+    ],
+    ids=["misspelt_key", "missing_root", "nonexistent_root", "unknown_preset"],
+)
+def test_cli_bad_input_is_one_line(tmp_path, args, needle):
+    result = run_cli(*args, "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+
+
+def test_cli_trains_into_hydra_run_dir(tmp_path):
+    args = [
+        "experiment=demo", "model.g_ch=4", "model.d_ch=4", "data.size=16",
+        "train.batch_size=4", "train.steps=2", "train.num_samples=4",
+    ]  # fmt: skip
+    result = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
