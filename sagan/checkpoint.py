@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +74,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist: pass the path of a .pt file written by sagan-train")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one loses its central directory
+        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt (not a complete PyTorch archive): use an earlier checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch explains at length; the line naming what was refused is the one that matters.
+        detail = next((line for line in str(e).splitlines() if "unsupported" in line.lower()), "unsupported content")
         raise CheckpointError(
-            f"refused to load '{path}': it needs more than tensors and plain containers to unpickle ({first}); "
-            "sagan checkpoints never do, so it is not one of ours or has been tampered with"
+            f"refused to load '{path}': {detail.strip()} Sagan checkpoints hold only tensors and plain containers, "
+            "so this file is not one of ours or has been tampered with"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

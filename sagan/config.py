@@ -59,7 +59,17 @@ class OptimConfig:
 
 @dataclass
 class LoggerConfig:
-    log_every: int = 100  # steps between log lines / progress updates
+    mode: str = "offline"  # W&B: offline (default: no account needed, `wandb sync` later) | online | disabled
+    project: str = "sagan"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # W&B run name; default: experiment (or model) name and run directory time
+    tags: list[str] = field(default_factory=list)
+    log_every: int = 100  # steps between scalar logs (losses, lr, images/s, gamma, sigma) and progress updates
+    image_every: int = 1000  # steps between sample grids and attention maps
+    num_samples: int = 64  # images in each sample grid
+    attn_images: int = 4  # images (rows) in each attention figure
+    attn_queries: Optional[list[list[float]]] = None  # (row, col): < 1 a fraction of the image, >= 1 a pixel
+    gamma_warn_after: int = 2000  # warn if an attention gamma is still exactly 0 after this many steps
 
 
 @dataclass
@@ -70,8 +80,6 @@ class TrainConfig:
     resume: Optional[str] = None  # auto: newest checkpoint of this run directory, or a checkpoint path
     ckpt_every: int = 2000
     keep_last: int = 3  # step-numbered checkpoints kept besides last.pt
-    sample_every: int = 1000
-    num_samples: int = 64  # images in each sample grid
 
 
 @dataclass
@@ -98,7 +106,9 @@ def check_config(cfg: Any) -> None:
         (cfg.optim.lr_g > 0 and cfg.optim.lr_d > 0, f"learning rates must be > 0, got lr_g={cfg.optim.lr_g} lr_d={cfg.optim.lr_d}"),
         (0 <= cfg.optim.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}"),
         (cfg.optim.n_dis >= 1, f"optim.n_dis must be >= 1, got {cfg.optim.n_dis}"),
-        (cfg.train.ckpt_every > 0 and cfg.train.sample_every > 0, "train.ckpt_every and train.sample_every must be > 0"),
+        (cfg.train.ckpt_every > 0, f"train.ckpt_every must be > 0, got {cfg.train.ckpt_every}"),
+        (cfg.logger.image_every > 0, f"logger.image_every must be > 0, got {cfg.logger.image_every}"),
+        (cfg.logger.num_samples > 0 and cfg.logger.attn_images > 0, "logger.num_samples and logger.attn_images must be > 0"),
         (cfg.train.keep_last >= 0, f"train.keep_last must be >= 0, got {cfg.train.keep_last}"),
         (cfg.logger.log_every > 0, f"logger.log_every must be > 0, got {cfg.logger.log_every}"),
     ]

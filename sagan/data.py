@@ -68,6 +68,7 @@ def build_dataset(
         raise DatasetError(f"data.resolution must be a positive number of pixels, got {resolution}")
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}")
+    root = None if root is None else os.path.expanduser(root)  # data.root='~/celeba'
     if size is not None and name != "demo":
         raise DatasetError(f"data.size={size} only applies to the demo dataset: leave it unset for {name}")
     if name == "demo":
@@ -183,7 +184,7 @@ class ImageFolder(Dataset):
     Files are sorted by their path below the root, so a folder and a zip of the same tree give identical items.
     With `labels=True` the class of an image is the first path component below the root (sorted class names ->
     0..K-1); if every image sits directly in the root, the dataset is unlabeled. Inside a zip the root is the
-    archive itself, so a zip whose members all sit under one top folder is a single class: set labels=False there.
+    archive itself, so a zip whose members all sit under one top folder is a single class.
 
     With `skip_bad=True` unreadable files are found lazily, not by decoding everything up front (slow for big
     sets): a bad item is replaced by the next readable one and recorded in `bad_files`. Each DataLoader worker
@@ -215,7 +216,7 @@ class ImageFolder(Dataset):
         elif labels and any(in_subfolder):
             raise DatasetError(
                 f"'{root}' has images both directly in it and in sub-folders, so classes are ambiguous:"
-                " put every image in a class sub-folder, or set data.labels=false"
+                " put every image in a class sub-folder, or train unconditionally (model.conditional=false)"
             )
         else:
             self.classes = []
@@ -389,16 +390,15 @@ class _Schedule:
             self._epochs[epoch] = (order, flips)
         return self._epochs[epoch]
 
+    def positions(self, batch: int) -> slice:
+        """Where this rank's share of global batch `batch` sits in an epoch's order."""
+        start = batch * self.global_batch + self.rank * self.batch_size
+        return slice(start, start + self.batch_size)
+
     def indices(self, epoch: int, batch: int) -> torch.Tensor:
         """Dataset indices of this rank's share of global batch `batch` of `epoch`: (batch_size,) int64."""
         order, _ = self._plan(epoch)
-        start = batch * self.global_batch + self.rank * self.batch_size
-        return order[start : start + self.batch_size]
-
-    def flips(self, epoch: int, batch: int) -> torch.Tensor | None:
-        """Which images of that batch are mirrored: (batch_size,) bool, or None without hflip."""
-        _, flips = self._plan(epoch)
-        return None if flips is None else flips[self.indices(epoch, batch)]
+        return order[self.positions(batch)]
 
 
 class _IndexBatches:
@@ -463,6 +463,9 @@ class BatchStream:
         self._generator = torch.Generator().manual_seed(seed)
         self._loader: DataLoader | None = None
         self._iterator: Iterator | None = None
+        self._device_epoch = -1  # the epoch whose order and flips are on the device (see _device_plan)
+        self._device_order: torch.Tensor | None = None
+        self._device_flips: torch.Tensor | None = None
         if in_memory:
             images, labels = _decode_all(dataset, num_workers=num_workers, generator=self._generator)
             self._images, self._labels = images.to(self.device), labels.to(self.device)
@@ -480,10 +483,21 @@ class BatchStream:
     def __iter__(self) -> BatchStream:
         return self
 
+    def _device_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This epoch's order and flip bits on the device, copied once per epoch: a host-to-GPU copy per batch would
+        make the host wait for the GPU at every step."""
+        if self._device_epoch != epoch:
+            order, flips = self.schedule._plan(epoch)
+            self._device_order = order.to(self.device)
+            self._device_flips = None if flips is None else flips.to(self.device)
+            self._device_epoch = epoch
+        return self._device_order, self._device_flips
+
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, batch = self.epoch, self.batch
+        order, flips = self._device_plan(epoch)
+        index = order[self.schedule.positions(batch)]
         if self._loader is None:
-            index = self.schedule.indices(epoch, batch).to(self.device)
             images, labels = self._images[index], self._labels[index]
         else:
             if self._iterator is None:  # first call, or after load_state_dict: restart the loader at our position
@@ -492,10 +506,8 @@ class BatchStream:
             images, labels = next(self._iterator)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-        flips = self.schedule.flips(epoch, batch)
         if flips is not None:
-            flips = flips.to(self.device)
-            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+            images = torch.where(flips[index][:, None, None, None], images.flip(-1), images)
         self.batch += 1
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0

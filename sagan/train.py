@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,16 +11,17 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import save_image
 
 from sagan.checkpoint import check_same_model, find_latest, load_checkpoint, save_checkpoint
 from sagan.cli import run_cli
 from sagan.config import check_config, register_configs
 from sagan.data import BatchStream, MirrorShapes, build_dataset, mirror_consistency
 from sagan.dist import resolve_device, rng_state, seed_everything, set_rng_state
-from sagan.models import Discriminator, Generator
+from sagan.logging import RunLogger
+from sagan.models import Discriminator, Generator, attention_gammas, spectral_sigmas
 from sagan.progress import Progress
 from sagan.trainer import Trainer
+from sagan.visualize import DEFAULT_QUERIES, Snapshots, to_pixels
 
 log = logging.getLogger("sagan")
 
@@ -45,15 +45,6 @@ def resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
     if resume == "auto":
         return find_latest(ckpt_dir)
     return Path(resume).expanduser()
-
-
-@torch.no_grad()
-def save_samples(G_ema: torch.nn.Module, z: torch.Tensor, y: torch.Tensor | None, path: Path) -> torch.Tensor:
-    """Write a grid of G_ema(z, y) to `path`; returns the images."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images = G_ema(z, y)
-    save_image(images, path, nrow=math.ceil(len(images) ** 0.5), normalize=True, value_range=(-1, 1))
-    return images
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -101,11 +92,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         in_memory=cfg.data.in_memory,
         num_workers=cfg.data.num_workers,
     )
-    # A fixed batch of latents, from its own seed, so every sample grid of a run shows the same z.
+    # Fixed inputs, from their own seed, so every sample grid and attention figure of a run shows the same z.
     fixed = torch.Generator().manual_seed(cfg.train.seed + 1)
-    n = cfg.train.num_samples
+    n = cfg.logger.num_samples
     z_fixed = torch.randn(n, cfg.model.z_dim, generator=fixed).to(device)
     y_fixed = (torch.arange(n) % num_classes).to(device) if num_classes else None
+    real = [dataset[i] for i in range(min(cfg.logger.attn_images, len(dataset)))]
+    queries = to_pixels(cfg.logger.attn_queries or DEFAULT_QUERIES, cfg.model.resolution)
 
     ckpt_dir = run_dir / "checkpoints"
     model = model_record(cfg, num_classes)
@@ -124,13 +117,33 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     log.info(f"run directory: {run_dir.resolve()} | device {device} | G {num_params(G)/1e6:.2f}M D {num_params(D)/1e6:.2f}M parameters")
 
-    def sample(step: int) -> dict[str, float]:
-        images = save_samples(trainer.G_ema, z_fixed, y_fixed, run_dir / "samples" / f"step_{step:07d}.png")
-        if not isinstance(dataset, MirrorShapes):
-            return {}
-        score = mirror_consistency(images)  # the demo's measure of long-range consistency
-        log.info(f"step {step}: mirror consistency of G_ema samples {score:.3f} (real images 1.000, unrelated halves 0)")
-        return {"mirror_consistency": score}
+    snapshots = Snapshots(
+        run_dir,
+        z=z_fixed,
+        y=y_fixed,
+        real=torch.stack([image for image, _ in real]).to(device),
+        y_real=torch.tensor([label for _, label in real], device=device) if num_classes else None,
+        queries=queries,
+        attn_images=cfg.logger.attn_images,
+        score=mirror_consistency if isinstance(dataset, MirrorShapes) else None,
+    )
+    logger = RunLogger(
+        run_dir,
+        mode=cfg.logger.mode,
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        name=cfg.logger.name or f"{cfg.experiment or cfg.model.name}-{run_dir.name}",
+        tags=list(cfg.logger.tags),
+        config=config,
+    )
+
+    def images(step: int) -> dict[str, float]:
+        paths, scores = snapshots.write(step, trainer.G, trainer.G_ema, trainer.D)
+        logger.log_images(step, paths)
+        if scores:
+            logger.log_scalars(step, scores)
+            log.info(f"step {step}: {' '.join(f'{k} {v:.3f}' for k, v in scores.items())}")
+        return scores
 
     def checkpoint() -> None:
         state = {"trainer": trainer.state_dict(), "data": stream.state_dict(), "rng": rng_state(), "model": model, "config": config}
@@ -139,8 +152,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     steps, every = cfg.train.steps, cfg.logger.log_every
     progress = Progress(start=trainer.step, total=steps, images_per_step=cfg.train.batch_size * cfg.optim.n_dis)
     sums: dict[str, torch.Tensor] = {}
-    count, last = 0, {}
-    scores = sample(0) if trainer.step == 0 else {}  # what the untrained generator draws
+    count, last, warned = 0, {}, set()
+    scores = images(0) if trainer.step == 0 else {}  # what the untrained generator draws
     while trainer.step < steps:
         losses = trainer.train_step(stream)
         for k, v in losses.items():  # accumulated on the device: no host sync per step
@@ -150,13 +163,40 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if step % every == 0 or step == steps:
             last = {k: (v / count).item() for k, v in sums.items()}
             sums, count = {}, 0
-            progress.update(step, last)
-        if step % cfg.train.sample_every == 0 or step == steps:
-            scores = sample(step)
+            images_per_s = progress.update(step, last)
+            scalars = training_scalars(trainer)
+            logger.log_scalars(step, {**{f"loss/{k.removesuffix('_loss')}": v for k, v in last.items()}, "speed/images_per_s": images_per_s, **scalars})
+            warned |= warn_dead_attention(scalars, step, cfg.logger.gamma_warn_after, warned)
+        if step % cfg.logger.image_every == 0 or step == steps:
+            scores = images(step)
         if step % cfg.train.ckpt_every == 0 or step == steps:
             checkpoint()
     progress.close()
+    logger.finish()
     return {"step": trainer.step, **last, **scores}
+
+
+def training_scalars(trainer: Trainer) -> dict[str, float]:
+    """Learning rates, every attention gamma and every spectral-norm sigma of G and D (one host sync for all)."""
+    named: dict[str, torch.Tensor] = {}
+    for net_name, net in (("G", trainer.G), ("D", trainer.D)):
+        named |= {f"gamma/{net_name}/{k.removeprefix('blocks.')}": v for k, v in attention_gammas(net).items()}
+        named |= {f"sigma/{net_name}/{k}": v for k, v in spectral_sigmas(net).items()}
+    values = torch.stack(list(named.values())).tolist() if named else []
+    lrs = {"lr/g": trainer.opt_g.param_groups[0]["lr"], "lr/d": trainer.opt_d.param_groups[0]["lr"]}
+    return {**lrs, **dict(zip(named, values))}
+
+
+def warn_dead_attention(scalars: dict[str, float], step: int, after: int, warned: set[str]) -> set[str]:
+    """Warn once per layer whose gamma is still exactly 0 after `after` steps: Adam moves any parameter that ever got
+    a non-zero gradient, so its gradient has always been zero and the attention block never switched on."""
+    dead = {k for k, v in scalars.items() if k.startswith("gamma/") and v == 0.0} if step >= after else set()
+    for key in sorted(dead - warned):
+        log.warning(
+            f"{key} is still exactly 0 after {step} steps: its gradient has always been zero, so this attention "
+            "layer never switched on (is its output used, and is its gamma in the optimizer?)"
+        )
+    return dead
 
 
 def num_params(module: torch.nn.Module) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 from torch import nn
 
 from sagan.losses import get_losses
+
+log = logging.getLogger("sagan")
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -46,6 +49,7 @@ class Trainer:
         self.d_loss_fn, self.g_loss_fn = get_losses(loss)
         self.n_dis, self.ema_decay, self.ema_start = n_dis, ema_decay, ema_start
         # Latents and fake labels come from their own generator, saved in checkpoints, so resume is exact.
+        self.seed = seed
         self.rng = torch.Generator(self.device).manual_seed(seed)
         self.step = 0  # G steps done
 
@@ -84,7 +88,7 @@ class Trainer:
         and under-estimate sigma.
         """
         ema_params, params = list(self.G_ema.parameters()), list(self.G.parameters())
-        if self.step < self.ema_start:
+        if self.step <= self.ema_start:
             torch._foreach_copy_(ema_params, params)
         else:
             torch._foreach_lerp_(ema_params, params, 1 - self.ema_decay)
@@ -112,6 +116,7 @@ class Trainer:
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "rng": self.rng.get_state(),
+            "rng_device": self.device.type,
             "step": self.step,
         }
 
@@ -121,5 +126,12 @@ class Trainer:
         self.G_ema.load_state_dict(state["G_ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        self.rng.set_state(state["rng"])
         self.step = state["step"]
+        if state["rng_device"] == self.device.type:
+            self.rng.set_state(state["rng"])
+        else:  # CPU and CUDA generators have different states: continue with a fresh, still seeded, latent stream
+            self.rng.manual_seed(self.seed * 1_000_003 + self.step)
+            log.warning(
+                f"checkpoint was written on {state['rng_device']}, this run is on {self.device.type}: training "
+                "continues with a new latent stream, so it is not bit-identical to an uninterrupted run"
+            )

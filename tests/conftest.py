@@ -13,7 +13,9 @@ TINY = [
     "model.d_ch=4",
     "data.size=64",
     "train.batch_size=8",
-    "train.num_samples=4",
+    "logger.num_samples=4",
+    "logger.attn_images=2",
+    "logger.mode=disabled",
     "logger.log_every=1",
 ]
 

@@ -103,7 +103,7 @@ def test_labels_come_from_subfolders_only(tmp_path: Path) -> None:
     assert no_labels.num_classes == 0 and {no_labels[i][1] for i in range(len(no_labels))} == {0}
 
     Image.fromarray(_noise(8, 8, 9)).save(tmp_path / "tree" / "stray.png")
-    with pytest.raises(DatasetError, match="data.labels=false"):
+    with pytest.raises(DatasetError, match="model.conditional=false"):
         build_dataset("folder", root=str(tmp_path / "tree"), resolution=R)
 
 

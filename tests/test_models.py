@@ -189,3 +189,14 @@ def test_deepcopy_after_forward():
     G_ema = copy.deepcopy(G)
     G.eval(), G_ema.eval()
     assert torch.equal(G(z, y), G_ema(z, y))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the memory-efficient SDPA kernel needs a CUDA GPU")
+def test_forward_runs_on_the_memory_efficient_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    block = SelfAttention2d(64).cuda()
+    x = torch.randn(2, 64, 32, 32, device="cuda", requires_grad=True)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # raises if the inputs do not qualify for the kernel
+        block(x).sum().backward()
+    assert x.grad is not None

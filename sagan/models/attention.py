@@ -48,7 +48,9 @@ class SelfAttention2d(nn.Module):
             key, value = F.max_pool2d(key, self.pool), F.max_pool2d(value, self.pool)
 
         def tokens(t: torch.Tensor) -> torch.Tensor:
-            return t.flatten(2).transpose(1, 2).unsqueeze(1)  # (B, C', H', W') -> (B, 1, H'W', C')
+            # (B, C', H', W') -> (B, 1, H'W', C'), contiguous: the fused kernels need a unit stride on the last dim,
+            # and without one SDPA falls back to the math path that materialises the attention matrix.
+            return t.flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
 
         return tokens(self.query(x)), tokens(key), tokens(value)
 

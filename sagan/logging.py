@@ -1,0 +1,77 @@
+"""The run logger: Weights & Biases (offline by default, so no account is needed) plus local copies.
+
+Scalars go to W&B and to `metrics.jsonl` in the run directory (one JSON object per logging step), images to W&B and
+as PNG files, so a run can be read without any dashboard. Only rank 0 creates one.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+import logging
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+log = logging.getLogger("sagan")
+
+MODES = ("offline", "online", "disabled")
+
+
+class RunLogger:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        mode: str = "offline",
+        project: str = "sagan",
+        entity: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown logger.mode '{mode}': choose one of {', '.join(MODES)}")
+        self.run_dir = run_dir
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        self.wandb = None
+        if mode == "disabled":
+            return
+        import wandb  # imported here: a disabled logger does not pay for it
+
+        # One W&B run per run directory: a resumed training run continues the same W&B run.
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.wandb = wandb.init(
+            project=project,
+            entity=entity,
+            name=name,
+            tags=list(tags or []),
+            config=config,
+            dir=str(run_dir),
+            mode=mode,
+            id=run_id,
+            resume="allow",
+        )
+        if mode == "offline":
+            log.info(f"W&B offline run in {self.wandb.dir}: upload with `wandb sync {Path(self.wandb.dir).parent}`")
+
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def log_images(self, step: int, images: dict[str, Path]) -> None:
+        """Images already written to the run directory, under W&B keys."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Image(Image.open(path), caption=path.name) for key, path in images.items()}, step=step)
+
+    def finish(self) -> None:
+        self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.finish()
