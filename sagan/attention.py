@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
-from sagan.checkpoint import load_checkpoint
-from sagan.cli import run_cli
+from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
+from sagan.cli import parse_args, run_cli
 from sagan.dist import resolve_device
-from sagan.models import Discriminator, Generator
 from sagan.visualize import DEFAULT_QUERIES, generate, render_attention, to_pixels
 
 
@@ -32,26 +31,10 @@ class AttentionArgs:
     device: str = "auto"
 
 
-def parse_args(schema: type, argv: list[str]) -> Any:
-    """key=value arguments checked against a dataclass: unknown keys and wrong types fail with one line."""
-    return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(argv))
-
-
-def load_networks(state: dict[str, Any], ema: bool, device: torch.device) -> tuple[Generator, Discriminator]:
-    """G (or G_ema) and D of a checkpoint, rebuilt from the model settings it records."""
-    from sagan.train import build_models  # the same builder training used
-
-    model = OmegaConf.create(state["model"])
-    G, D = build_models(model, model.num_classes)
-    G.load_state_dict(state["trainer"]["G_ema" if ema else "G"])
-    D.load_state_dict(state["trainer"]["D"])
-    return G.to(device).eval(), D.to(device).eval()
-
-
 def render_checkpoint(args: Any) -> list[Path]:
     state = load_checkpoint(args.ckpt)
     device = resolve_device(args.device)
-    G, D = load_networks(state, args.ema, device)
+    G, D = networks_from_checkpoint(state, ema=args.ema, device=device)
     out = Path(args.out) if args.out else Path(args.ckpt).expanduser().resolve().parent.parent / "attention"
     out.mkdir(parents=True, exist_ok=True)
     rng = torch.Generator().manual_seed(args.seed)

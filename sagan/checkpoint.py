@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+
+from sagan.models import Discriminator, Generator, build_models
 
 FORMAT = "sagan-checkpoint-v1"
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
@@ -42,8 +45,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int) -> Path:
-    """Write `step_XXXXXXX.pt` and `last.pt` (same bytes, serialised once), keeping the newest `keep_last` step files."""
+def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int, best: bool = False) -> Path:
+    """Write `step_XXXXXXX.pt` and `last.pt` (same bytes, serialised once), keeping the newest `keep_last` step files;
+    with `best=True` also `best.pt`."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)
@@ -52,6 +56,8 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last:
         atomic_write(ckpt_dir / f"step_{step:07d}.pt", data)
         for old in sorted(step_files(ckpt_dir))[:-keep_last]:
             old.unlink()
+    if best:
+        atomic_write(ckpt_dir / "best.pt", data)
     last = ckpt_dir / "last.pt"
     atomic_write(last, data)
     return last
@@ -99,3 +105,13 @@ def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path)
     diffs = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
     if diffs:
         raise CheckpointError(f"checkpoint '{path}' is from another architecture: {'; '.join(diffs)}")
+
+
+def networks_from_checkpoint(state: dict[str, Any], *, ema: bool, device: torch.device) -> tuple[Generator, Discriminator]:
+    """G_ema (or G with `ema=False`) and D of a loaded checkpoint, rebuilt from the model settings it records, in
+    eval mode on `device`."""
+    model = OmegaConf.create(state["model"])
+    G, D = build_models(model, model.num_classes)
+    G.load_state_dict(state["trainer"]["G_ema" if ema else "G"])
+    D.load_state_dict(state["trainer"]["D"])
+    return G.to(device).eval(), D.to(device).eval()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
 # Errors that mean "your input is wrong", not "the program is wrong": shown as one line (HYDRA_FULL_ERROR=1 shows
@@ -26,6 +28,11 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, HydraException) and error.__cause__ is not None and str(error.__cause__).strip():
         keep.append("(" + str(error.__cause__).strip().splitlines()[0] + ")")  # e.g. why an override did not merge
     return " ".join(keep) or type(error).__name__
+
+
+def parse_args(schema: type, argv: Sequence[str]) -> Any:
+    """key=value arguments checked against a dataclass: unknown keys and wrong types fail with one line."""
+    return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(list(argv)))
 
 
 def check_composes(overrides: Sequence[str], config_name: str = "config") -> None:

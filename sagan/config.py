@@ -73,6 +73,22 @@ class LoggerConfig:
 
 
 @dataclass
+class MetricsConfig:
+    inception_weights: Optional[str] = None  # local FID Inception weights (offline use); default: torch-fidelity downloads
+    cache_dir: Optional[str] = None  # cached reference statistics; default $SAGAN_CACHE or ~/.cache/sagan/fidelity
+    kid_subset_size: int = 1000
+    batch_size: int = 64
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between FID/IS evaluations of G_ema during training; 0 = never
+    num_samples: int = 10_000  # generated images per evaluation
+    ref_images: Optional[int] = None  # training images used as reference (a seeded subset); default all
+    isc: bool = True  # also the Inception Score (skipped, with a warning, if the Inception weights cannot give it)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100_000  # G steps
     batch_size: int = 64
@@ -90,6 +106,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     experiment: Optional[str] = None  # name of the experiment preset, for the run name
 
@@ -111,6 +129,7 @@ def check_config(cfg: Any) -> None:
         (cfg.logger.num_samples > 0 and cfg.logger.attn_images > 0, "logger.num_samples and logger.attn_images must be > 0"),
         (cfg.train.keep_last >= 0, f"train.keep_last must be >= 0, got {cfg.train.keep_last}"),
         (cfg.logger.log_every > 0, f"logger.log_every must be > 0, got {cfg.logger.log_every}"),
+        (cfg.eval.every >= 0 and cfg.eval.num_samples > 1, "eval.every must be >= 0 and eval.num_samples > 1"),
     ]
     for ok, message in rules:
         if not ok:

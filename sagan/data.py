@@ -254,10 +254,17 @@ class ImageFolder(Dataset):
         """Where item `index` lives, for messages: a file path, or `archive.zip/member`."""
         return f"{self.root}/{self.files[index]}" if self.is_zip else str(Path(self.root, self.files[index]))
 
-    def _decode(self, index: int) -> torch.Tensor:
+    def native_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of image `index` as stored, before cropping and resizing."""
+        with Image.open(self._source(index)) as img:
+            return img.size
+
+    def _source(self, index: int) -> io.BytesIO | Path:
         relpath = self.files[index]
-        source = io.BytesIO(self._zip().read(relpath)) if self.is_zip else Path(self.root, relpath)
-        with Image.open(source) as img:
+        return io.BytesIO(self._zip().read(relpath)) if self.is_zip else Path(self.root, relpath)
+
+    def _decode(self, index: int) -> torch.Tensor:
+        with Image.open(self._source(index)) as img:
             img.load()  # decode now, so a truncated file fails here and not somewhere inside convert()
             return pil_to_tensor(img, resolution=self.resolution)
 
@@ -277,7 +284,6 @@ class ImageFolder(Dataset):
 # ---------------------------------------------------------------------------------------------------------------------
 # The synthetic demo dataset
 
-# Saturated colours, far apart, so every shape stands out from the dark background and from each other.
 # Few bold colours on a black background: simple enough that a small GAN draws them in minutes on a CPU.
 _PALETTE = ((235, 45, 45), (45, 205, 70), (55, 95, 245), (245, 220, 40))
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: antialiased edges

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +20,13 @@ from sagan.config import check_config, register_configs
 from sagan.data import BatchStream, MirrorShapes, build_dataset, mirror_consistency
 from sagan.dist import resolve_device, rng_state, seed_everything, set_rng_state
 from sagan.logging import RunLogger
-from sagan.models import Discriminator, Generator, attention_gammas, spectral_sigmas
+from sagan.metrics import ImagesOnly, cache_name, classifier_missing, compute_metrics, dataset_identity, default_cache_root
+from sagan.models import attention_gammas, build_models, spectral_sigmas
 from sagan.progress import Progress
 from sagan.trainer import Trainer
 from sagan.visualize import DEFAULT_QUERIES, Snapshots, to_pixels
 
 log = logging.getLogger("sagan")
-
-
-def build_models(model: Any, num_classes: int) -> tuple[Generator, Discriminator]:
-    """G and D from a model config (conf/model/*.yaml)."""
-    common = dict(resolution=model.resolution, num_classes=num_classes, attn_pool=model.attn_pool, init=model.init)
-    G = Generator(z_dim=model.z_dim, ch=model.g_ch, attn_resolutions=tuple(model.g_attn), sn=model.g_sn, **common)
-    D = Discriminator(ch=model.d_ch, attn_resolutions=tuple(model.d_attn), sn=model.d_sn, **common)
-    return G, D
 
 
 def model_record(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
@@ -103,8 +98,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     model = model_record(cfg, num_classes)
     path = resume_path(cfg.train.resume, ckpt_dir)
+    best_fid = math.inf  # of the evaluations so far; best.pt holds that model
     if path is not None:
         state = load_checkpoint(path)
+        best_fid = state["best_fid"]
         check_same_model(state["model"], model, path)
         trainer.load_state_dict(state["trainer"])
         stream.load_state_dict(state["data"])
@@ -145,9 +142,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             log.info(f"step {step}: {' '.join(f'{k} {v:.3f}' for k, v in scores.items())}")
         return scores
 
-    def checkpoint() -> None:
-        state = {"trainer": trainer.state_dict(), "data": stream.state_dict(), "rng": rng_state(), "model": model, "config": config}
-        save_checkpoint(state, ckpt_dir, trainer.step, cfg.train.keep_last)
+    evaluate = make_evaluator(cfg, trainer, dataset, device) if cfg.eval.every > 0 else None
+
+    def checkpoint(best: bool = False) -> None:
+        state = {
+            "trainer": trainer.state_dict(),
+            "data": stream.state_dict(),
+            "rng": rng_state(),
+            "model": model,
+            "config": config,
+            "best_fid": best_fid,
+        }
+        save_checkpoint(state, ckpt_dir, trainer.step, cfg.train.keep_last, best=best)
 
     steps, every = cfg.train.steps, cfg.logger.log_every
     progress = Progress(start=trainer.step, total=steps, images_per_step=cfg.train.batch_size * cfg.optim.n_dis)
@@ -169,11 +175,45 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             warned |= warn_dead_attention(scalars, step, cfg.logger.gamma_warn_after, warned)
         if step % cfg.logger.image_every == 0 or step == steps:
             scores = images(step)
-        if step % cfg.train.ckpt_every == 0 or step == steps:
-            checkpoint()
+        improved = False
+        if evaluate is not None and (step % cfg.eval.every == 0 or step == steps):
+            metrics = evaluate()
+            logger.log_scalars(step, {f"metrics/{k}": v for k, v in metrics.items()})
+            log.info(f"step {step}: {' '.join(f'{k} {v:.3f}' for k, v in metrics.items())} ({cfg.eval.num_samples} samples)")
+            improved = metrics["fid"] < best_fid
+            best_fid = min(best_fid, metrics["fid"])
+        if step % cfg.train.ckpt_every == 0 or step == steps or improved:
+            checkpoint(best=improved)
     progress.close()
     logger.finish()
     return {"step": trainer.step, **last, **scores}
+
+
+def make_evaluator(cfg: DictConfig, trainer: Trainer, dataset: Any, device: torch.device) -> Callable[[], dict[str, float]]:
+    """FID (and IS) of G_ema against the training images, with the reference statistics cached across runs."""
+    weights = cfg.metrics.inception_weights
+    isc = cfg.eval.isc and not classifier_missing(weights)
+    if cfg.eval.isc and not isc:
+        log.warning(f"eval: IS skipped, the classifier in '{weights}' is all zeros (IS would always be 1.0); FID only")
+    reference = ImagesOnly(dataset, limit=cfg.eval.ref_images, seed=cfg.train.seed)
+    identity = (cfg.data.name, dataset_identity(cfg.data.root), cfg.data.split, cfg.data.size, cfg.train.seed)
+    cache = cache_name(identity, cfg.model.resolution, cfg.eval.ref_images)
+
+    def evaluate() -> dict[str, float]:
+        return compute_metrics(
+            trainer.G_ema,
+            reference,
+            num_samples=cfg.eval.num_samples,
+            reference_cache=cache,
+            isc=isc,
+            weights=weights,
+            cache_root=cfg.metrics.cache_dir or default_cache_root(),
+            batch_size=cfg.metrics.batch_size,
+            seed=cfg.train.seed,
+            device=device,
+        )
+
+    return evaluate
 
 
 def training_scalars(trainer: Trainer) -> dict[str, float]:

@@ -14,7 +14,7 @@ from importlib import resources
 from hydra import compose, initialize_config_module
 
 from sagan.models.stats import model_stats
-from sagan.train import build_models
+from sagan.models import build_models
 
 
 def main(overrides: list[str]) -> None:

@@ -8,7 +8,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sagan.attention import AttentionArgs, parse_args, render_checkpoint
+from sagan.attention import AttentionArgs, render_checkpoint
+from sagan.cli import parse_args
 from sagan.config import LoggerConfig
 from sagan.models import Discriminator, Generator
 from sagan.train import train, warn_dead_attention

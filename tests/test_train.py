@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import compose_config
 from sagan.checkpoint import load_checkpoint
-from sagan.train import build_models, train
+from sagan.models import build_models
+from sagan.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -10,7 +12,15 @@ from sagan.models.discriminator import Discriminator
 from sagan.models.generator import Generator
 from sagan.models.layers import spectral_sigmas
 
-__all__ = ["Discriminator", "Generator", "SelfAttention2d", "attention_gammas", "spectral_sigmas"]
+__all__ = ["Discriminator", "Generator", "SelfAttention2d", "attention_gammas", "build_models", "spectral_sigmas"]
+
+
+def build_models(model: Any, num_classes: int) -> tuple[Generator, Discriminator]:
+    """G and D from a model config (conf/model/*.yaml, or the `model` record of a checkpoint)."""
+    common = dict(resolution=model.resolution, num_classes=num_classes, attn_pool=model.attn_pool, init=model.init)
+    G = Generator(z_dim=model.z_dim, ch=model.g_ch, attn_resolutions=tuple(model.g_attn), sn=model.g_sn, **common)
+    D = Discriminator(ch=model.d_ch, attn_resolutions=tuple(model.d_attn), sn=model.d_sn, **common)
+    return G, D
 
 
 def attention_gammas(module: nn.Module) -> dict[str, torch.Tensor]:
