@@ -63,6 +63,12 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last:
     return last
 
 
+def remove_partial(ckpt_dir: Path) -> None:
+    """Delete temporary files that a killed run left half-written (never a finished checkpoint)."""
+    for tmp in ckpt_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def step_files(ckpt_dir: Path) -> list[Path]:
     return [p for p in ckpt_dir.glob("step_*.pt") if _STEP_FILE.search(p.name)]
 

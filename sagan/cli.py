@@ -12,9 +12,11 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
-# Errors that mean "your input is wrong", not "the program is wrong": shown as one line (HYDRA_FULL_ERROR=1 shows
-# the traceback).
-USER_ERRORS = (ValueError, OSError, HydraException, OmegaConfBaseException)
+from sagan.trainer import Diverged
+
+# Errors that mean "your input is wrong" (or the run diverged), not "the program is wrong": shown as one line
+# (HYDRA_FULL_ERROR=1 shows the traceback).
+USER_ERRORS = (ValueError, OSError, HydraException, OmegaConfBaseException, Diverged)
 
 
 def one_line(error: BaseException) -> str:

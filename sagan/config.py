@@ -96,6 +96,8 @@ class TrainConfig:
     resume: Optional[str] = None  # auto: newest checkpoint of this run directory, or a checkpoint path
     ckpt_every: int = 2000
     keep_last: int = 3  # step-numbered checkpoints kept besides last.pt
+    nan_rollbacks: int = 0  # on NaN/Inf: roll back to the last good checkpoint this many times (0: stop)
+    nan_lr_factor: float = 0.5  # ... each time multiplying both learning rates by this
 
 
 @dataclass
@@ -128,6 +130,8 @@ def check_config(cfg: Any) -> None:
         (cfg.logger.image_every > 0, f"logger.image_every must be > 0, got {cfg.logger.image_every}"),
         (cfg.logger.num_samples > 0 and cfg.logger.attn_images > 0, "logger.num_samples and logger.attn_images must be > 0"),
         (cfg.train.keep_last >= 0, f"train.keep_last must be >= 0, got {cfg.train.keep_last}"),
+        (cfg.train.nan_rollbacks >= 0, f"train.nan_rollbacks must be >= 0, got {cfg.train.nan_rollbacks}"),
+        (0 < cfg.train.nan_lr_factor <= 1, f"train.nan_lr_factor must be in (0, 1], got {cfg.train.nan_lr_factor}"),
         (cfg.logger.log_every > 0, f"logger.log_every must be > 0, got {cfg.logger.log_every}"),
         (cfg.eval.every >= 0 and cfg.eval.num_samples > 1, "eval.every must be >= 0 and eval.num_samples > 1"),
     ]

@@ -15,6 +15,7 @@ resuming needs two integers and no RNG state.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import zipfile
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger("sagan")
 
 DATASETS = ("cifar10", "cifar100", "stl10", "celeba", "folder", "demo")
 
@@ -247,7 +250,9 @@ class ImageFolder(Dataset):
                         f"cannot read image '{where}' ({type(err).__name__}: {err}): replace or delete it,"
                         " or set data.skip_bad=true to skip unreadable files"
                     ) from err
-                self.bad_files.add(where)
+                if where not in self.bad_files:
+                    self.bad_files.add(where)
+                    log.warning(f"skipped unreadable image '{where}' ({type(err).__name__}); {self.num_bad} skipped so far")
         raise DatasetError(f"no readable image under '{self.root}': every file failed to decode")
 
     def describe(self, index: int) -> str:

@@ -4,8 +4,8 @@
     sagan-fid gen=path/to/generated ref=path/to/real [kid=true] [prc=true]
     sagan-fid ckpt=... ref=data/cifar10-train-jpg.zip metrics.inception_weights=/path/to/weights.pth isc=false
 
-`ref` is a folder or .zip of images, or a torchvision dataset as <name>-<split> (cifar10-train, cifar10-test,
-cifar100-train, stl10-unlabeled, celeba-train, ...) under `data_root`.
+`ref` is a folder or .zip of images, a torchvision dataset as <name>-<split> (cifar10-train, cifar10-test,
+cifar100-train, stl10-unlabeled, celeba-train, ...) under `data_root`, or `demo` (the generated demo images).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class FidArgs:
 
 def reference_dataset(ref: str, *, resolution: int, data_root: str, download: bool) -> tuple[Dataset, tuple]:
     """The reference images at `resolution`, and what identifies them for the statistics cache."""
+    if ref == "demo":  # the generated demo images (experiment=demo trains on these, seed 0)
+        return build_dataset("demo", root=None, resolution=resolution, labels=False), ("demo", resolution)
     path = Path(ref).expanduser()
     if path.exists():
         check_reference_size(path, resolution)
@@ -68,7 +70,7 @@ def reference_dataset(ref: str, *, resolution: int, data_root: str, download: bo
     name, _, split = ref.partition("-")
     if name not in TORCHVISION_SPLITS:
         known = ", ".join(f"{n}-{s}" for n, splits in TORCHVISION_SPLITS.items() for s in splits)
-        raise MetricsError(f"reference '{ref}' is neither an existing folder/.zip nor a known dataset ({known})")
+        raise MetricsError(f"reference '{ref}' is neither an existing folder/.zip nor a known dataset ({known}, demo)")
     dataset = build_dataset(name, root=data_root, resolution=resolution, download=download, labels=False, split=split or "train")
     return dataset, (name, split or "train", str(Path(data_root).expanduser().resolve()))
 

@@ -14,7 +14,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sagan.checkpoint import check_same_model, find_latest, load_checkpoint, save_checkpoint
+from sagan.checkpoint import check_same_model, find_latest, load_checkpoint, remove_partial, save_checkpoint
 from sagan.cli import run_cli
 from sagan.config import check_config, register_configs
 from sagan.data import BatchStream, MirrorShapes, build_dataset, mirror_consistency
@@ -23,7 +23,8 @@ from sagan.logging import RunLogger
 from sagan.metrics import ImagesOnly, cache_name, classifier_missing, compute_metrics, dataset_identity, default_cache_root
 from sagan.models import attention_gammas, build_models, spectral_sigmas
 from sagan.progress import Progress
-from sagan.trainer import Trainer
+from sagan.preemption import StopRequest
+from sagan.trainer import Diverged, Trainer
 from sagan.visualize import DEFAULT_QUERIES, Snapshots, to_pixels
 
 log = logging.getLogger("sagan")
@@ -98,18 +99,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     model = model_record(cfg, num_classes)
     path = resume_path(cfg.train.resume, ckpt_dir)
-    best_fid = math.inf  # of the evaluations so far; best.pt holds that model
-    if path is not None:
+
+    def restore(path: Path) -> dict[str, Any]:
         state = load_checkpoint(path)
-        best_fid = state["best_fid"]
         check_same_model(state["model"], model, path)
         trainer.load_state_dict(state["trainer"])
         stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])
+        return state
+
+    best_fid = math.inf  # of the evaluations so far; best.pt holds that model
+    if path is not None:
+        best_fid = restore(path)["best_fid"]
         log.info(f"resumed from {path} at step {trainer.step}")
     elif cfg.train.resume == "auto":
         log.info(f"no checkpoint in {ckpt_dir}: starting from scratch")
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial(ckpt_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     log.info(f"run directory: {run_dir.resolve()} | device {device} | G {num_params(G)/1e6:.2f}M D {num_params(D)/1e6:.2f}M parameters")
@@ -158,32 +164,60 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     steps, every = cfg.train.steps, cfg.logger.log_every
     progress = Progress(start=trainer.step, total=steps, images_per_step=cfg.train.batch_size * cfg.optim.n_dis)
     sums: dict[str, torch.Tensor] = {}
-    count, last, warned = 0, {}, set()
+    count, last, warned, rollbacks = 0, {}, set(), 0
     scores = images(0) if trainer.step == 0 else {}  # what the untrained generator draws
-    while trainer.step < steps:
-        losses = trainer.train_step(stream)
-        for k, v in losses.items():  # accumulated on the device: no host sync per step
-            sums[k] = sums.get(k, 0) + v
-        count += 1
-        step = trainer.step
-        if step % every == 0 or step == steps:
-            last = {k: (v / count).item() for k, v in sums.items()}
-            sums, count = {}, 0
-            images_per_s = progress.update(step, last)
-            scalars = training_scalars(trainer)
-            logger.log_scalars(step, {**{f"loss/{k.removesuffix('_loss')}": v for k, v in last.items()}, "speed/images_per_s": images_per_s, **scalars})
-            warned |= warn_dead_attention(scalars, step, cfg.logger.gamma_warn_after, warned)
-        if step % cfg.logger.image_every == 0 or step == steps:
-            scores = images(step)
-        improved = False
-        if evaluate is not None and (step % cfg.eval.every == 0 or step == steps):
-            metrics = evaluate()
-            logger.log_scalars(step, {f"metrics/{k}": v for k, v in metrics.items()})
-            log.info(f"step {step}: {' '.join(f'{k} {v:.3f}' for k, v in metrics.items())} ({cfg.eval.num_samples} samples)")
-            improved = metrics["fid"] < best_fid
-            best_fid = min(best_fid, metrics["fid"])
-        if step % cfg.train.ckpt_every == 0 or step == steps or improved:
-            checkpoint(best=improved)
+    with StopRequest() as stop:
+        while trainer.step < steps:
+            losses = trainer.train_step(stream)
+            for k, v in losses.items():  # accumulated on the device: no host sync per step
+                sums[k] = sums.get(k, 0) + v
+            count += 1
+            step = trainer.step
+            log_due = step % every == 0 or step == steps
+            ckpt_due = step % cfg.train.ckpt_every == 0 or step == steps or stop.signal is not None
+            # NaN/Inf are checked when the host reads from the device anyway, and always before a checkpoint.
+            problem = trainer.nonfinite() if log_due or ckpt_due else None
+            if problem is not None:
+                good = find_latest(ckpt_dir)
+                if rollbacks >= cfg.train.nan_rollbacks or good is None:
+                    raise Diverged(
+                        f"{problem}, seen at step {step}: stopped without writing a checkpoint; the last good one is "
+                        f"{good or 'none'}. Lower optim.lr_g / optim.lr_d, or set train.nan_rollbacks=N to roll back"
+                    )
+                rollbacks += 1
+                best_fid = restore(good)["best_fid"]
+                trainer.scale_lr(cfg.train.nan_lr_factor)
+                sums, count = {}, 0
+                log.warning(
+                    f"{problem}: rolled back to {good} (step {trainer.step}), learning rates x{cfg.train.nan_lr_factor} "
+                    f"(rollback {rollbacks} of {cfg.train.nan_rollbacks})"
+                )
+                continue
+            if log_due:
+                last = {k: (v / count).item() for k, v in sums.items()}
+                sums, count = {}, 0
+                images_per_s = progress.update(step, last)
+                scalars = training_scalars(trainer)
+                losses_out = {f"loss/{k.removesuffix('_loss')}": v for k, v in last.items()}
+                logger.log_scalars(step, {**losses_out, "speed/images_per_s": images_per_s, **scalars})
+                warned |= warn_dead_attention(scalars, step, cfg.logger.gamma_warn_after, warned)
+            if step % cfg.logger.image_every == 0 or step == steps:
+                scores = images(step)
+            improved = False
+            if evaluate is not None and (step % cfg.eval.every == 0 or step == steps):
+                metrics = evaluate()
+                logger.log_scalars(step, {f"metrics/{k}": v for k, v in metrics.items()})
+                log.info(f"step {step}: {' '.join(f'{k} {v:.3f}' for k, v in metrics.items())} ({cfg.eval.num_samples} samples)")
+                improved = metrics["fid"] < best_fid
+                best_fid = min(best_fid, metrics["fid"])
+            if ckpt_due or improved:
+                checkpoint(best=improved)
+            if stop.signal is not None:
+                log.warning(
+                    f"stopped by {stop.signal} at step {step} after writing {ckpt_dir / 'last.pt'}: resume with the "
+                    f"same command plus hydra.run.dir={run_dir} train.resume=auto"
+                )
+                break
     progress.close()
     logger.finish()
     return {"step": trainer.step, **last, **scores}

@@ -15,6 +15,10 @@ from sagan.losses import get_losses
 log = logging.getLogger("sagan")
 
 
+class Diverged(RuntimeError):
+    """Training produced NaN or Inf; the message names what, when, and the last good checkpoint."""
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1], the range of G's tanh."""
     return images.float().div_(127.5).sub_(1)
@@ -52,6 +56,9 @@ class Trainer:
         self.seed = seed
         self.rng = torch.Generator(self.device).manual_seed(seed)
         self.step = 0  # G steps done
+        # The first step at which each loss was NaN/Inf (-1: never), kept on the device and read only by
+        # `nonfinite()`: checking every step would cost a host sync per step.
+        self.first_bad = torch.full((2,), -1, dtype=torch.long, device=self.device)
 
     def sample_latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = torch.randn(n, self.G.z_dim, generator=self.rng, device=self.device)
@@ -106,7 +113,25 @@ class Trainer:
         g_loss = self.g_step(images.shape[0])
         self.step += 1
         self.ema_update()
+        bad = ~torch.isfinite(torch.stack([d_loss, g_loss]))
+        self.first_bad = torch.where(bad & (self.first_bad < 0), self.step, self.first_bad)
         return {"d_loss": d_loss, "g_loss": g_loss}
+
+    def nonfinite(self) -> str | None:
+        """What went NaN/Inf since the last check (losses, or G/D parameters), or None. Syncs with the device."""
+        first = self.first_bad.tolist()
+        self.first_bad.fill_(-1)
+        bad = [f"{name} (first at step {step})" for name, step in zip(("d_loss", "g_loss"), first) if step >= 0]
+        for name, net in (("G", self.G), ("D", self.D)):
+            norms = torch._foreach_norm(list(net.parameters()))
+            if not bool(torch.isfinite(torch.stack(norms)).all()):
+                bad.append(f"{name} parameters (at step {self.step})")
+        return f"non-finite {', '.join(bad)}" if bad else None
+
+    def scale_lr(self, factor: float) -> None:
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["lr"] *= factor
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -154,7 +154,7 @@ def test_configuration_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("as_zip", [False, True])
-def test_bad_images_raise_or_are_skipped(tmp_path: Path, as_zip: bool) -> None:
+def test_bad_images_raise_or_are_skipped(tmp_path: Path, as_zip: bool, caplog: pytest.LogCaptureFixture) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
     for i in range(3):
@@ -176,6 +176,7 @@ def test_bad_images_raise_or_are_skipped(tmp_path: Path, as_zip: bool) -> None:
     lenient = build_dataset("folder", root=str(root), resolution=R, skip_bad=True)
     assert torch.equal(lenient[1][0], strict[2][0])  # the next readable image stands in
     assert lenient.num_bad == 1
+    assert "skipped unreadable image" in caplog.text and "1.png" in caplog.text  # named and counted in the log
     assert torch.equal(lenient[3][0], strict[0][0])  # wraps around at the end
     lenient[1]
     assert lenient.num_bad == 2  # distinct files, not occurrences

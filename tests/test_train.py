@@ -135,8 +135,10 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["data=folder"], "data.root"),
         (["data=folder", "data.root=/no/such/folder"], "/no/such/folder"),
         (["model=sagan48"], "sagan48"),
+        (["train.steps=abc"], "could not be converted to Integer"),
+        (["train.batch_size=0"], "train.batch_size must be > 0"),
     ],
-    ids=["misspelt_key", "missing_root", "nonexistent_root", "unknown_preset"],
+    ids=["misspelt_key", "missing_root", "nonexistent_root", "unknown_preset", "wrong_type", "impossible_value"],
 )
 def test_cli_bad_input_is_one_line(tmp_path, args, needle):
     result = run_cli(*args, "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)

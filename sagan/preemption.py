@@ -1,0 +1,38 @@
+"""Stop cleanly when the cluster asks: SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before they stop a job)
+request a checkpoint at the next step boundary and a normal exit; a second signal exits at once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from types import FrameType
+
+log = logging.getLogger("sagan")
+
+SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+class StopRequest:
+    """Installs the handlers for as long as it is open (`with StopRequest() as stop: ... if stop.signal: ...`)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None  # the name of the first signal received
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            log.error(f"second signal ({name}): exiting now, without a checkpoint")
+            os._exit(128 + signum)
+        self.signal = name
+        log.warning(f"{name} received: writing a checkpoint at the end of this step, then exiting")
+
+    def __enter__(self) -> StopRequest:
+        for s in SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,137 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sagan.checkpoint import load_checkpoint
+from sagan.train import train
+from sagan.trainer import Diverged, Trainer
+
+
+@pytest.fixture
+def poison_at(monkeypatch):
+    """Make G's parameters NaN right after the given step, `times` times (a test hook, not a config switch)."""
+
+    def install(step: int, times: int = 1) -> None:
+        original = Trainer.train_step
+        left = [times]
+
+        def train_step(self, batches):
+            losses = original(self, batches)
+            if self.step == step and left[0] > 0:
+                left[0] -= 1
+                with torch.no_grad():
+                    next(self.G.parameters()).fill_(float("nan"))
+            return losses
+
+        monkeypatch.setattr(Trainer, "train_step", train_step)
+
+    return install
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path, poison_at):
+    poison_at(step=3)
+    with pytest.raises(Diverged, match=r"non-finite .*G parameters \(at step 4\).*seen at step 4.*last good one is .*last\.pt"):
+        train(tiny_cfg("train.steps=8", "train.ckpt_every=2", "logger.log_every=2"), tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["trainer"]["step"] == 2  # nothing written after the poison
+    assert all(torch.isfinite(v).all() for v in state["trainer"]["G"].values() if v.is_floating_point())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "step_0000002.pt"]
+
+
+def test_nan_rolls_back_with_a_lower_learning_rate(tiny_cfg, tmp_path, poison_at):
+    poison_at(step=3)
+    overrides = ["train.steps=6", "train.ckpt_every=2", "logger.log_every=1", "train.nan_rollbacks=2", "train.nan_lr_factor=0.5"]
+    assert train(tiny_cfg(*overrides), tmp_path)["step"] == 6
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["trainer"]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 0.5)
+    assert state["trainer"]["opt_d"]["param_groups"][0]["lr"] == pytest.approx(4e-4 * 0.5)
+
+
+def test_rollbacks_are_bounded(tiny_cfg, tmp_path, poison_at):
+    poison_at(step=3, times=5)  # diverges again after every rollback
+    with pytest.raises(Diverged):
+        train(tiny_cfg("train.steps=6", "train.ckpt_every=2", "logger.log_every=1", "train.nan_rollbacks=2"), tmp_path)
+
+
+# --- subprocess runs: a real process, real signals -------------------------------------------------------------------
+
+ARGS = ["experiment=demo", "model.g_ch=8", "model.d_ch=8", "data.size=64", "train.batch_size=8", "logger.mode=disabled",
+        "logger.num_samples=4", "logger.attn_images=1", "logger.log_every=1", "logger.image_every=100000"]  # fmt: skip
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sagan.train", *ARGS, f"hydra.run.dir={run_dir}", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def logged_step(run_dir: Path) -> int:
+    log = run_dir / "train.log"
+    steps = [int(line.split("step ")[1].split("/")[0]) for line in log.read_text().splitlines() if "img/s" in line] if log.exists() else []
+    return max(steps, default=0)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, "train.steps=100000", "train.ckpt_every=100000")
+    wait_for(lambda: logged_step(run) >= 2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "train.resume=auto" in out and f"hydra.run.dir={run}" in out
+    stopped = load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"]
+    assert stopped >= 2
+    resumed = start(run, f"train.steps={stopped + 2}", "train.resume=auto")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"resumed from {run / 'checkpoints' / 'last.pt'} at step {stopped}" in out
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == stopped + 2
+
+
+@pytest.mark.slow
+def test_second_signal_exits_at_once(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, "train.steps=100000", "train.ckpt_every=100000", "model.g_ch=32")  # slower steps: a wide window
+    wait_for(lambda: logged_step(run) >= 1)
+    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "second signal" in out
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_writes_never_leaves_a_bad_checkpoint(tmp_path):
+    """Kill -9 while a checkpoint is being written (a temporary file exists), a few times; every time the newest
+    checkpoint loads, and resume=auto continues from it."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    assert start(run, "train.steps=2").wait(timeout=300) == 0
+    for attempt in range(3):
+        proc = start(run, "train.steps=100000", "train.ckpt_every=1", "train.resume=auto", "train.keep_last=1")
+        own = f".{proc.pid}.tmp"  # atomic_write names its temporary file after the writing process
+        wait_for(lambda: any(p.name.endswith(own) for p in ckpts.iterdir()), timeout=300)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        partial = [p for p in ckpts.iterdir() if p.name.endswith(own)]
+        assert partial, "the process was not killed mid-write"  # the file was still there after the kill
+        load_checkpoint(ckpts / "last.pt")  # whatever happened, last.pt is whole
+    step = load_checkpoint(ckpts / "last.pt")["trainer"]["step"]
+    proc = start(run, f"train.steps={step + 1}", "train.resume=auto")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert load_checkpoint(ckpts / "last.pt")["trainer"]["step"] == step + 1
+    assert not any(p.name.endswith(".tmp") for p in ckpts.iterdir())  # partial files of killed runs are cleaned up
