@@ -89,6 +89,17 @@ class EvalConfig:
 
 
 @dataclass
+class PerfConfig:
+    # null = auto: what is fast and safe on the device in use.
+    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32 | fp32 | bf16
+    channels_last: Optional[bool] = None  # NHWC activations; auto: with bf16
+    fused_adam: Optional[bool] = None  # one fused optimizer kernel; auto: on CUDA
+    compile: bool = False  # torch.compile of G and D (minutes of compilation first)
+    tf32: bool = True  # CUDA: TF32 matmuls/convs where fp32 remains
+    cudnn_benchmark: bool = True  # CUDA: pick the fastest conv algorithms for the fixed shapes
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100_000  # G steps
     batch_size: int = 64
@@ -110,6 +121,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     experiment: Optional[str] = None  # name of the experiment preset, for the run name
 

@@ -47,3 +47,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     key = np_state["state"]["key"].numpy().astype(np.uint32)
     np.random.set_state({**np_state, "state": {"key": key, "pos": np_state["state"]["pos"]}})
     random.setstate(state["python"])
+
+
+def resolve_perf(perf: Any, device: torch.device) -> dict[str, Any]:
+    """The speed options for `device`: config values, with null / "auto" resolved; sets the global CUDA flags."""
+    fast_bf16 = device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    precision = ("bf16" if fast_bf16 else "fp32") if perf.precision == "auto" else perf.precision
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = perf.tf32
+        torch.backends.cudnn.benchmark = perf.cudnn_benchmark
+    return {
+        "precision": precision,
+        "channels_last": precision == "bf16" if perf.channels_last is None else perf.channels_last,
+        "fused_adam": device.type == "cuda" if perf.fused_adam is None else perf.fused_adam,
+        "compile": perf.compile,
+    }

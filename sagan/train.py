@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sagan.checkpoint import check_same_model, find_latest, load_checkpoint, remove_partial, save_checkpoint
 from sagan.cli import run_cli
-from sagan.config import check_config, register_configs
+from sagan.config import check_config
 from sagan.data import BatchStream, MirrorShapes, build_dataset, mirror_consistency
-from sagan.dist import resolve_device, rng_state, seed_everything, set_rng_state
+from sagan.dist import resolve_device, resolve_perf, rng_state, seed_everything, set_rng_state
 from sagan.logging import RunLogger
 from sagan.metrics import ImagesOnly, cache_name, classifier_missing, compute_metrics, dataset_identity, default_cache_root
 from sagan.models import attention_gammas, build_models, spectral_sigmas
@@ -50,6 +50,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     # GAN weights and activations drift into denormal floats, which make CPU steps several times slower.
     torch.set_flush_denormal(True)
+    perf = resolve_perf(cfg.perf, device)
 
     dataset = build_dataset(
         cfg.data.name,
@@ -78,6 +79,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ema_start=cfg.optim.ema_start,
         device=device,
         seed=cfg.train.seed,
+        **perf,
     )
     stream = BatchStream(
         dataset,
@@ -118,7 +120,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     remove_partial(ckpt_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    log.info(f"run directory: {run_dir.resolve()} | device {device} | G {num_params(G)/1e6:.2f}M D {num_params(D)/1e6:.2f}M parameters")
+    log.info(
+        f"run directory: {run_dir.resolve()} | device {device} | G {num_params(G)/1e6:.2f}M D {num_params(D)/1e6:.2f}M "
+        f"parameters | {', '.join(f'{k} {v}' for k, v in perf.items())}"
+    )
 
     snapshots = Snapshots(
         run_dir,
@@ -275,9 +280,6 @@ def warn_dead_attention(scalars: dict[str, float], step: int, after: int, warned
 
 def num_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sagan.conf", config_name="config")

@@ -44,12 +44,24 @@ class Trainer:
         ema_start: int = 1000,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        fused_adam: bool = False,
+        compile: bool = False,
     ) -> None:
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"unknown precision '{precision}': use fp32 or bf16")
         self.device = torch.device(device)
-        self.G, self.D = G.to(self.device), D.to(self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.G = G.to(self.device, memory_format=self.memory_format)
+        self.D = D.to(self.device, memory_format=self.memory_format)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas, fused=fused_adam or None)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas, fused=fused_adam or None)
+        # bf16 autocast for the G and D forwards; weights, optimizer, spectral norm and losses stay fp32.
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        # Compiled views of the same modules (same parameters): the step runs through them, checkpoints use G and D.
+        self.G_step, self.D_step = (torch.compile(self.G), torch.compile(self.D)) if compile else (self.G, self.D)
         self.d_loss_fn, self.g_loss_fn = get_losses(loss)
         self.n_dis, self.ema_decay, self.ema_start = n_dis, ema_decay, ema_start
         # Latents and fake labels come from their own generator, saved in checkpoints, so resume is exact.
@@ -68,12 +80,14 @@ class Trainer:
 
     def d_step(self, real: torch.Tensor, y_real: torch.Tensor | None) -> torch.Tensor:
         z, y_fake = self.sample_latents(real.shape[0])
-        with torch.no_grad():
-            fake = self.G(z, y_fake)
+        with torch.no_grad(), torch.autocast(**self.autocast):
+            fake = self.G_step(z, y_fake).float()
         # Real and fake in one forward: one spectral-norm power iteration per D step, as the official code does.
         y = None if y_real is None else torch.cat([y_real, y_fake])
-        logits = self.D(torch.cat([real, fake]), y)
-        loss = self.d_loss_fn(*logits.chunk(2))
+        images = torch.cat([real, fake]).contiguous(memory_format=self.memory_format)
+        with torch.autocast(**self.autocast):
+            logits = self.D_step(images, y)
+        loss = self.d_loss_fn(*logits.float().chunk(2))
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_d.step()
@@ -81,7 +95,9 @@ class Trainer:
 
     def g_step(self, batch_size: int) -> torch.Tensor:
         z, y = self.sample_latents(batch_size)
-        loss = self.g_loss_fn(self.D(self.G(z, y), y))
+        with torch.autocast(**self.autocast):
+            logits = self.D_step(self.G_step(z, y), y)
+        loss = self.g_loss_fn(logits.float())
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_g.step()

@@ -197,6 +197,29 @@ def test_forward_runs_on_the_memory_efficient_kernel():
 
     block = SelfAttention2d(64).cuda()
     x = torch.randn(2, 64, 32, 32, device="cuda", requires_grad=True)
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # raises if the inputs do not qualify for the kernel
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):  # raises if no fused kernel qualifies
+        block(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.slow
+def test_model_stats_script_reports_the_cifar_preset():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "model_stats.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    row = next(line.split() for line in out.splitlines() if line.startswith("sagan32"))
+    assert row[:6] == ["sagan32", "32", "4.36M", "1.07M", "3.28", "0.55"]
+
+
+def test_forward_uses_a_fused_kernel_on_cpu():
+    """With the math path excluded, SDPA raises unless the inputs qualify for the flash kernel (equal head sizes)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    block = SelfAttention2d(64)
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         block(x).sum().backward()
     assert x.grad is not None

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sagan.models import Discriminator, Generator
@@ -54,3 +55,43 @@ def test_resume_on_another_device_type_continues_with_a_seeded_stream(caplog):
     other = tiny_trainer()
     other.load_state_dict(state)
     assert other.step == 1 and "not bit-identical" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast runs torch.mv in bf16, CPU autocast does not")
+def test_spectral_norm_stays_fp32_under_bf16_autocast():
+    import copy
+
+    from sagan.models.layers import apply_spectral_norm
+
+    conv = torch.nn.Conv2d(64, 64, 3).cuda()
+    apply_spectral_norm(conv)
+    twin = copy.deepcopy(conv)  # same weight, same u and v
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        inside = conv.weight
+    outside = twin.weight
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, outside)  # the power iteration did not run in bf16
+    assert torch.equal(conv.parametrizations.weight[0]._u, twin.parametrizations.weight[0]._u)
+
+
+def test_bf16_channels_last_step_keeps_fp32_state():
+    trainer = tiny_trainer(precision="bf16", channels_last=True)
+    losses = trainer.train_step(batches())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    conv = trainer.G.blocks.block0.conv1
+    assert conv.parametrizations.weight.original.dtype == torch.float32
+    assert conv.parametrizations.weight.original.is_contiguous(memory_format=torch.channels_last)
+    assert trainer.opt_g.state[conv.parametrizations.weight.original]["exp_avg"].dtype == torch.float32
+
+
+def test_perf_auto_resolution():
+    from omegaconf import OmegaConf
+
+    from sagan.config import PerfConfig
+    from sagan.dist import resolve_perf
+
+    auto = resolve_perf(OmegaConf.structured(PerfConfig()), torch.device("cpu"))
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert auto == {"precision": "bf16" if native_bf16 else "fp32", "channels_last": native_bf16, "fused_adam": False, "compile": False}
+    forced = resolve_perf(OmegaConf.structured(PerfConfig(precision="fp32", fused_adam=True)), torch.device("cpu"))
+    assert forced["precision"] == "fp32" and not forced["channels_last"] and forced["fused_adam"]

@@ -57,8 +57,11 @@ class SelfAttention2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         query, key, value = self._project(x)
-        # SDPA never materialises the (N x N/p^2) matrix on GPU (memory-efficient kernel); scale=1.0 as official.
-        o = F.scaled_dot_product_attention(query, key, value, scale=1.0)  # (B, 1, N, C/2)
+        # Queries and keys are zero-padded from C/8 to the value width C/2: q.k is unchanged, and equal head sizes
+        # let SDPA use its flash kernels (CPU and GPU) instead of the math path that materialises the (N x N/p^2)
+        # matrix. scale=1.0: no 1/sqrt(d), as in the official code.
+        pad = (0, value.shape[-1] - query.shape[-1])
+        o = F.scaled_dot_product_attention(F.pad(query, pad), F.pad(key, pad), value, scale=1.0)  # (B, 1, N, C/2)
         o = o.squeeze(1).transpose(1, 2).reshape(B, C // 2, H, W)
         return x + self.gamma * self.out(o)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 INIT_SCHEMES = ("xavier", "orthogonal", "normal")
 _SN_LAYERS = (nn.Conv2d, nn.Linear, nn.Embedding)
@@ -42,7 +42,16 @@ def apply_spectral_norm(module: nn.Module) -> None:
     """
     for m in list(module.modules()):
         if isinstance(m, _SN_LAYERS) and not parametrize.is_parametrized(m, "weight"):
-            spectral_norm(m, n_power_iterations=1, eps=1e-12)
+            parametrize.register_parametrization(m, "weight", SpectralNormFP32(m.weight, n_power_iterations=1, eps=1e-12))
+
+
+class SpectralNormFP32(_SpectralNorm):
+    """PyTorch's spectral-norm parametrization (the one `spectral_norm()` registers) with the power iteration and the
+    division by sigma kept in fp32 under autocast: in bf16 the u/v updates lose most of their precision."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(weight.device.type, enabled=False):
+            return super().forward(weight)
 
 
 def spectral_sigmas(module: nn.Module) -> dict[str, torch.Tensor]:
