@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 from sagan.data import (
     BatchStream,
     DatasetError,
-    ImageFolder,
     MirrorShapes,
     TorchvisionImages,
     build_dataset,
