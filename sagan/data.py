@@ -50,6 +50,16 @@ IMAGE_EXTENSIONS = (
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, Image.DecompressionBombError)
 
 
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range of G's tanh."""
+    return images.float() / 127.5 - 1
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float [-1, 1] (generator output) -> uint8 [0, 255], rounded."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 class DatasetError(ValueError):
     """A dataset cannot be built or read; the message names the problem and the config key that fixes it."""
 
@@ -359,7 +369,7 @@ def mirror_consistency(images: torch.Tensor, eps: float = 1e-6) -> float:
     """
     if images.ndim != 4 or images.shape[0] < 2:
         raise ValueError(f"mirror_consistency needs a batch (B >= 2, C, H, W), got shape {tuple(images.shape)}")
-    x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
+    x = to_float(images) if images.dtype == torch.uint8 else images.float()
     mirrored = x.flip(-1)
     d_self = (x - mirrored).abs().mean()
     d_other = (x - mirrored.roll(1, dims=0)).abs().mean()

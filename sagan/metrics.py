@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from torch_fidelity.generative_model_base import GenerativeModelBase
 
+from sagan.data import to_uint8
+
 INCEPTION = "inception-v3-compat"  # torch-fidelity's port of the TF FID Inception (pt_inception-2015-12-05)
 KEYS = {
     "frechet_inception_distance": "fid",
@@ -66,7 +68,7 @@ class GeneratorSamples(GenerativeModelBase):
         if self.G.num_classes:
             y = torch.randint(self.G.num_classes, (len(z),), generator=self.labels).to(device)
         images = self.G(z.to(device), y)
-        return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return to_uint8(images)
 
 
 class ImagesOnly(Dataset):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
 from sagan.cli import parse_args, run_cli
+from sagan.data import to_float, to_uint8
 from sagan.dist import resolve_device
 from sagan.visualize import save_grid
 
@@ -70,7 +71,7 @@ def draw(G: torch.nn.Module, n: int, *, seed: int, choice: str | None, truncatio
     chunks = []
     for i in range(0, n, batch):
         images = G(z[i : i + batch].to(device), None if y is None else y[i : i + batch].to(device))
-        chunks.append(((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
+        chunks.append(to_uint8(images).cpu())
     return torch.cat(chunks), y
 
 
@@ -92,7 +93,7 @@ def sample(args: Any) -> Path:
         np.savez(path, **arrays)
     elif args.format == "grid":
         path = out / "grid.png"
-        save_grid(images.float() / 127.5 - 1, path)
+        save_grid(to_float(images), path)
     else:
         for i, image in enumerate(images):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{i:06d}.png")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sagan.data import to_float
 from sagan.losses import get_losses
 
 log = logging.getLogger("sagan")
@@ -17,11 +18,6 @@ log = logging.getLogger("sagan")
 
 class Diverged(RuntimeError):
     """Training produced NaN or Inf; the message names what, when, and the last good checkpoint."""
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1], the range of G's tanh."""
-    return images.float().div_(127.5).sub_(1)
 
 
 class Trainer:

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torchvision.utils import save_image
 
+from sagan.data import to_float
 from sagan.models import SelfAttention2d
 
 # Query points as fractions (row, col) of the image: a left/right pair at two heights, so a user sees whether a point
@@ -177,7 +178,7 @@ class Snapshots:
         score: Callable[[torch.Tensor], float] | None = None,
     ) -> None:
         self.run_dir, self.z, self.y = run_dir, z, y
-        self.real, self.y_real = real.float().div(127.5).sub(1), y_real  # uint8 -> [-1, 1]
+        self.real, self.y_real = to_float(real), y_real
         self.queries, self.n = queries, attn_images
         self.score = score  # a dataset's own quality score of samples (the demo's mirror consistency)
 
