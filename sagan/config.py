@@ -102,13 +102,21 @@ class PerfConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100_000  # G steps
-    batch_size: int = 64
+    batch_size: int = 64  # global: split over the processes, and over grad_accum micro-batches in each
+    grad_accum: int = 1  # micro-batches per step and process, for a batch that does not fit at once
     seed: int = 0
     resume: Optional[str] = None  # auto: newest checkpoint of this run directory, or a checkpoint path
     ckpt_every: int = 2000
     keep_last: int = 3  # step-numbered checkpoints kept besides last.pt
     nan_rollbacks: int = 0  # on NaN/Inf: roll back to the last good checkpoint this many times (0: stop)
     nan_lr_factor: float = 0.5  # ... each time multiplying both learning rates by this
+
+
+@dataclass
+class DistConfig:
+    # Several processes come from torchrun (`torchrun --nproc_per_node=8 -m sagan.train ...`); nothing to set here.
+    sync_bn: bool = False  # G's BatchNorm statistics over the global batch instead of each process's share
+    timeout_min: float = 30  # how long ranks wait for each other (rank 0 writes checkpoints, computes FID) before failing
 
 
 @dataclass
@@ -122,6 +130,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     experiment: Optional[str] = None  # name of the experiment preset, for the run name
 
@@ -130,9 +139,17 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
-def check_config(cfg: Any) -> None:
+def check_config(cfg: Any, world_size: int = 1) -> None:
     """Reject impossible values before any work, one line each."""
+    split = world_size * max(cfg.train.grad_accum, 1)
     rules = [
+        (cfg.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}"),
+        (
+            cfg.train.batch_size % split == 0,
+            f"train.batch_size={cfg.train.batch_size} does not split into {world_size} processes x "
+            f"{cfg.train.grad_accum} micro-batches (train.grad_accum): use a multiple of {split}",
+        ),
+        (cfg.dist.timeout_min > 0, f"dist.timeout_min must be > 0, got {cfg.dist.timeout_min}"),
         (cfg.train.steps >= 0, f"train.steps must be >= 0, got {cfg.train.steps}"),
         (cfg.train.batch_size > 0, f"train.batch_size must be > 0, got {cfg.train.batch_size}"),
         (cfg.optim.lr_g > 0 and cfg.optim.lr_d > 0, f"learning rates must be > 0, got lr_g={cfg.optim.lr_g} lr_d={cfg.optim.lr_d}"),

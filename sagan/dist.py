@@ -1,25 +1,94 @@
-"""Devices, seeding and the global RNG states a checkpoint restores."""
+"""Devices, processes, seeding and the global RNG states a checkpoint restores.
+
+Several processes are started by `torchrun`, which tells each its place in environment variables (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT); `init_distributed` reads them and joins the process group: NCCL for CUDA
+tensors, gloo for CPU tensors. Without them there is one process and no process group.
+"""
 
 from __future__ import annotations
 
+import os
 import random
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' is the GPU when there is one, else the CPU; anything else is taken as a torch device name."""
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    local_rank: int = 0  # index on this machine: the GPU it uses
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and logs."""
+        return self.rank == 0
+
+
+SINGLE = World()  # one process
+
+
+def world_from_env() -> World:
+    """The place torchrun gave this process (one process when not started by torchrun)."""
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    return World(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)), size=size)
+
+
+def init_distributed(device_name: str, timeout_min: float) -> tuple[World, torch.device]:
+    """This process's World and training device, joining the process group when there are several processes.
+
+    Each process takes the GPU of its local rank. `timeout_min` bounds how long the others wait for rank 0's
+    checkpoint writes and FID computations before the run is declared hung.
+    """
+    world = world_from_env()
+    device = resolve_device(device_name, world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # also the GPU whose RNG state checkpoints keep
+    if world.size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(minutes=timeout_min),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return world, device
+
+
+def resolve_device(name: str, world: World = SINGLE) -> torch.device:
+    """'auto' is the GPU when there is one, else the CPU; anything else is taken as a torch device name.
+
+    With several processes, 'auto' and 'cuda' mean the GPU of this process's local rank.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device '{name}': use device=auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} but no CUDA GPU is visible: use device=cpu or device=auto")
+    if device.type == "cuda" and world.size > 1:
+        if device.index is not None:
+            raise ValueError(
+                f"device={name} with {world.size} processes: use device=auto or device=cuda, each process then takes "
+                "the GPU of its local rank (choose GPUs with CUDA_VISIBLE_DEVICES)"
+            )
+        # local_rank % count: with one GPU visible per process (SLURM --gpus-per-task), that one.
+        device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
     return device
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed for `rank`'s own random streams, derived from the run seed (rank 0 keeps the run seed)."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint32)[0])
 
 
 def seed_everything(seed: int) -> None:
@@ -33,7 +102,8 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # The current GPU's only: a run may resume with fewer GPUs visible to each process.
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "numpy": {**np_state, "state": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"]}},
         "python": random.getstate(),
     }
@@ -41,8 +111,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     np_state = state["numpy"]
     key = np_state["state"]["key"].numpy().astype(np.uint32)
     np.random.set_state({**np_state, "state": {"key": key, "pos": np_state["state"]["pos"]}})
@@ -62,3 +132,71 @@ def resolve_perf(perf: Any, device: torch.device) -> dict[str, Any]:
         "fused_adam": device.type == "cuda" if perf.fused_adam is None else perf.fused_adam,
         "compile": perf.compile,
     }
+
+
+def broadcast_object(obj: Any, world: World) -> Any:
+    """Rank 0's `obj` on every rank (a small picklable value: a path, a few numbers)."""
+    if world.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+    return box[0]
+
+
+def gather_to_main(tensor: torch.Tensor, world: World) -> torch.Tensor | None:
+    """The rank-ordered concatenation of every rank's `tensor` (same shape on all, on the CPU) on rank 0; None elsewhere."""
+    if world.size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world.size)] if world.main else None
+    dist.gather(tensor, parts, dst=0)
+    return torch.cat(parts) if world.main else None
+
+
+def barrier(world: World) -> None:
+    """Wait for every rank (for example, for rank 0 to finish writing a checkpoint)."""
+    if world.size > 1:
+        dist.barrier()
+
+
+def broadcast_buffers(modules: list[torch.nn.Module], world: World) -> None:
+    """Copy rank 0's buffers (BatchNorm statistics, spectral-norm u and v) to every rank, one message per dtype."""
+    if world.size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for module in modules:
+        for buffer in module.buffers():
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        torch._foreach_copy_(buffers, [t.view_as(b) for t, b in zip(flat.split([b.numel() for b in buffers]), buffers)])
+
+
+class StopVote:
+    """Agree across ranks on stopping (a signal may reach only some of them), without waiting on the network.
+
+    Each step every rank calls `poll(wants_stop)`, which returns whether any rank wanted to stop at its previous call:
+    the vote travels (gloo, on CPU) while the step runs. With one process it returns `wants_stop` at once.
+    """
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.pending: dist.Work | None = None
+
+    def poll(self, wants_stop: bool) -> bool:
+        if self.world.size == 1:
+            return wants_stop
+        agreed = False
+        if self.pending is not None:
+            self.pending.wait()
+            agreed = bool(self.flag.item())
+        self.flag.fill_(int(wants_stop))
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        """Wait for the last vote, so no rank leaves while a message to it is in flight."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None

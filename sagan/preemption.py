@@ -1,10 +1,14 @@
 """Stop cleanly when the cluster asks: SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before they stop a job)
-request a checkpoint at the next step boundary and a normal exit; a second signal exits at once."""
+request a checkpoint at the next step boundary and a normal exit.
+
+Further signals change nothing: one request often arrives several times (SLURM signals every process of a job step
+and torchrun forwards the SIGTERM it gets to its workers), and acting on a repeat would lose the checkpoint. Ctrl-C
+(SIGINT) still stops at once, and the scheduler's SIGKILL ends a run that takes too long.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from types import FrameType
 
@@ -23,8 +27,8 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.signal is not None:
-            log.error(f"second signal ({name}): exiting now, without a checkpoint")
-            os._exit(128 + signum)
+            log.warning(f"{name} received: already stopping (after {self.signal}) at the end of this step")
+            return
         self.signal = name
         log.warning(f"{name} received: writing a checkpoint at the end of this step, then exiting")
 

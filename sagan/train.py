@@ -11,6 +11,7 @@ from typing import Any
 
 import hydra
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,10 +19,33 @@ from sagan.checkpoint import check_same_model, find_latest, load_checkpoint, rem
 from sagan.cli import run_cli
 from sagan.config import check_config
 from sagan.data import BatchStream, MirrorShapes, build_dataset, mirror_consistency
-from sagan.dist import resolve_device, resolve_perf, rng_state, seed_everything, set_rng_state
+from sagan.dist import (
+    StopVote,
+    World,
+    barrier,
+    broadcast_object,
+    gather_to_main,
+    init_distributed,
+    rank_seed,
+    resolve_perf,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    world_from_env,
+)
 from sagan.logging import RunLogger
-from sagan.metrics import ImagesOnly, cache_name, classifier_missing, compute_metrics, dataset_identity, default_cache_root
+from sagan.metrics import (
+    ImagesOnly,
+    ImageTensor,
+    cache_name,
+    classifier_missing,
+    compute_metrics,
+    dataset_identity,
+    default_cache_root,
+    generate_share,
+)
 from sagan.models import attention_gammas, build_models, spectral_sigmas
+from sagan.models.layers import use_sync_batchnorm
 from sagan.progress import Progress
 from sagan.preemption import StopRequest
 from sagan.trainer import Diverged, Trainer
@@ -44,192 +68,263 @@ def resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train (or continue training) per `cfg`, writing everything under `run_dir`. Returns the final losses."""
-    check_config(cfg)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.train.seed)
-    # GAN weights and activations drift into denormal floats, which make CPU steps several times slower.
-    torch.set_flush_denormal(True)
-    perf = resolve_perf(cfg.perf, device)
+    """Train (or continue training) per `cfg`, writing everything under `run_dir`. Returns the final losses.
 
-    dataset = build_dataset(
-        cfg.data.name,
-        root=cfg.data.root,
-        resolution=cfg.model.resolution,
-        download=cfg.data.download,
-        labels=cfg.model.conditional,
-        split=cfg.data.split,
-        skip_bad=cfg.data.skip_bad,
-        size=cfg.data.size,
-        seed=cfg.train.seed,
-    )
-    if cfg.model.conditional and dataset.num_classes == 0:
-        raise ValueError(f"model.conditional=true needs labelled data, but data '{cfg.data.name}' has no classes: set model.conditional=false")
-    num_classes = dataset.num_classes if cfg.model.conditional else 0
-    G, D = build_models(cfg.model, num_classes)
-    trainer = Trainer(
-        G,
-        D,
-        loss=cfg.loss.name,
-        lr_g=cfg.optim.lr_g,
-        lr_d=cfg.optim.lr_d,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        n_dis=cfg.optim.n_dis,
-        ema_decay=cfg.optim.ema_decay,
-        ema_start=cfg.optim.ema_start,
-        device=device,
-        seed=cfg.train.seed,
-        **perf,
-    )
-    stream = BatchStream(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        device=device,
-        hflip=cfg.data.hflip,
-        in_memory=cfg.data.in_memory,
-        num_workers=cfg.data.num_workers,
-    )
-    # Fixed inputs, from their own seed, so every sample grid and attention figure of a run shows the same z.
-    fixed = torch.Generator().manual_seed(cfg.train.seed + 1)
-    n = cfg.logger.num_samples
-    z_fixed = torch.randn(n, cfg.model.z_dim, generator=fixed).to(device)
-    y_fixed = (torch.arange(n) % num_classes).to(device) if num_classes else None
-    real = [dataset[i] for i in range(min(cfg.logger.attn_images, len(dataset)))]
-    queries = to_pixels(cfg.logger.attn_queries or DEFAULT_QUERIES, cfg.model.resolution)
+    Under torchrun every process calls this; they train together and rank 0's `run_dir` is used.
+    """
+    check_config(cfg, world_from_env().size)
+    world, device = init_distributed(cfg.device, cfg.dist.timeout_min)
+    run = Run(cfg, broadcast_object(run_dir, world), world, device)
+    result = run.loop()
+    if world.size > 1:
+        dist.destroy_process_group()
+    return result
 
-    ckpt_dir = run_dir / "checkpoints"
-    model = model_record(cfg, num_classes)
-    path = resume_path(cfg.train.resume, ckpt_dir)
 
-    def restore(path: Path) -> dict[str, Any]:
+class Run:
+    """One training run: what `train` builds from the config, and what it does between steps.
+
+    Every rank trains; rank 0 alone writes files (checkpoints, images, logs) while the others wait for it where
+    they must (before reading a checkpoint it wrote). Evaluation generates its samples on all ranks.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, world: World, device: torch.device) -> None:
+        self.cfg, self.run_dir, self.world = cfg, run_dir, world
+        seed_everything(cfg.train.seed)  # the same initial weights on every rank
+        # GAN weights and activations drift into denormal floats, which make CPU steps several times slower.
+        torch.set_flush_denormal(True)
+        perf = resolve_perf(cfg.perf, device)
+        dataset = self.dataset()
+        if cfg.model.conditional and dataset.num_classes == 0:
+            raise ValueError(f"model.conditional=true needs labelled data, but data '{cfg.data.name}' has no classes: set model.conditional=false")
+        num_classes = dataset.num_classes if cfg.model.conditional else 0
+        G, D = build_models(cfg.model, num_classes)
+        if cfg.dist.sync_bn:
+            use_sync_batchnorm(G)
+        self.trainer = Trainer(
+            G,
+            D,
+            loss=cfg.loss.name,
+            lr_g=cfg.optim.lr_g,
+            lr_d=cfg.optim.lr_d,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            n_dis=cfg.optim.n_dis,
+            ema_decay=cfg.optim.ema_decay,
+            ema_start=cfg.optim.ema_start,
+            device=device,
+            seed=cfg.train.seed,
+            world=world,
+            grad_accum=cfg.train.grad_accum,
+            **perf,
+        )
+        seed_everything(rank_seed(cfg.train.seed, world.rank))  # anything random beyond latents and data differs per rank
+        self.stream = BatchStream(
+            dataset,
+            batch_size=cfg.train.batch_size // world.size,
+            seed=cfg.train.seed,
+            device=device,
+            hflip=cfg.data.hflip,
+            rank=world.rank,
+            world_size=world.size,
+            in_memory=cfg.data.in_memory,
+            num_workers=cfg.data.num_workers,
+        )
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.model = model_record(cfg, num_classes)
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.best_fid = math.inf  # of the evaluations so far; best.pt holds that model
+        self.evaluate = make_evaluator(cfg, self.trainer, dataset, device, world) if cfg.eval.every > 0 else None
+
+        path = broadcast_object(resume_path(cfg.train.resume, self.ckpt_dir), world)  # rank 0's choice for all
+        if path is not None:
+            self.restore(path)
+            log.info(f"resumed from {path} at step {self.trainer.step}")
+        elif cfg.train.resume == "auto":
+            log.info(f"no checkpoint in {self.ckpt_dir}: starting from scratch")
+        self.snapshots, self.logger = None, None
+        if world.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial(self.ckpt_dir)
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            self.snapshots, self.logger = self.outputs(dataset, num_classes, device)
+        log.info(
+            f"run directory: {run_dir.resolve()} | {world.size} process(es), device {device} | G {num_params(G)/1e6:.2f}M "
+            f"D {num_params(D)/1e6:.2f}M parameters | {', '.join(f'{k} {v}' for k, v in perf.items())}"
+        )
+
+    def dataset(self) -> Any:
+        """The training set. Rank 0 builds it first (and downloads it, if asked), the others once it is there."""
+        cfg, main = self.cfg, self.world.main
+        if not main:
+            barrier(self.world)  # paired with rank 0's barrier below
+        dataset = build_dataset(
+            cfg.data.name,
+            root=cfg.data.root,
+            resolution=cfg.model.resolution,
+            download=cfg.data.download and main,
+            labels=cfg.model.conditional,
+            split=cfg.data.split,
+            skip_bad=cfg.data.skip_bad,
+            size=cfg.data.size,
+            seed=cfg.train.seed,
+        )
+        if main:
+            barrier(self.world)
+        return dataset
+
+    def outputs(self, dataset: Any, num_classes: int, device: torch.device) -> tuple[Snapshots, RunLogger]:
+        """Rank 0's writers: sample grids and attention figures on fixed inputs, and the W&B / metrics.jsonl logger."""
+        cfg = self.cfg
+        # Fixed inputs, from their own seed, so every sample grid and attention figure of a run shows the same z.
+        fixed = torch.Generator().manual_seed(cfg.train.seed + 1)
+        n = cfg.logger.num_samples
+        real = [dataset[i] for i in range(min(cfg.logger.attn_images, len(dataset)))]
+        snapshots = Snapshots(
+            self.run_dir,
+            z=torch.randn(n, cfg.model.z_dim, generator=fixed).to(device),
+            y=(torch.arange(n) % num_classes).to(device) if num_classes else None,
+            real=torch.stack([image for image, _ in real]).to(device),
+            y_real=torch.tensor([label for _, label in real], device=device) if num_classes else None,
+            queries=to_pixels(cfg.logger.attn_queries or DEFAULT_QUERIES, cfg.model.resolution),
+            attn_images=cfg.logger.attn_images,
+            score=mirror_consistency if isinstance(dataset, MirrorShapes) else None,
+        )
+        logger = RunLogger(
+            self.run_dir,
+            mode=cfg.logger.mode,
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            name=cfg.logger.name or f"{cfg.experiment or cfg.model.name}-{self.run_dir.name}",
+            tags=list(cfg.logger.tags),
+            config=self.config,
+        )
+        return snapshots, logger
+
+    def restore(self, path: Path) -> None:
+        """Continue from a checkpoint (written by any number of ranks: the global batch and position are kept)."""
         state = load_checkpoint(path)
-        check_same_model(state["model"], model, path)
-        trainer.load_state_dict(state["trainer"])
-        stream.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        return state
+        check_same_model(state["model"], self.model, path)
+        self.trainer.load_state_dict(state["trainer"])
+        self.stream.load_state_dict(state["data"])
+        set_rng_state(state["rng"])  # rank 0's
+        if not self.world.main:
+            seed_everything(rank_seed(self.cfg.train.seed + self.trainer.step, self.world.rank))
+        self.best_fid = state["best_fid"]
 
-    best_fid = math.inf  # of the evaluations so far; best.pt holds that model
-    if path is not None:
-        best_fid = restore(path)["best_fid"]
-        log.info(f"resumed from {path} at step {trainer.step}")
-    elif cfg.train.resume == "auto":
-        log.info(f"no checkpoint in {ckpt_dir}: starting from scratch")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial(ckpt_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    log.info(
-        f"run directory: {run_dir.resolve()} | device {device} | G {num_params(G)/1e6:.2f}M D {num_params(D)/1e6:.2f}M "
-        f"parameters | {', '.join(f'{k} {v}' for k, v in perf.items())}"
-    )
+    def checkpoint(self, best: bool = False) -> None:
+        """Rank 0 writes; every rank returns once the file is complete."""
+        if self.world.main:
+            state = {
+                "trainer": self.trainer.state_dict(),
+                "data": self.stream.state_dict(),
+                "rng": rng_state(),
+                "model": self.model,
+                "config": self.config,
+                "best_fid": self.best_fid,
+            }
+            save_checkpoint(state, self.ckpt_dir, self.trainer.step, self.cfg.train.keep_last, best=best)
+        barrier(self.world)
 
-    snapshots = Snapshots(
-        run_dir,
-        z=z_fixed,
-        y=y_fixed,
-        real=torch.stack([image for image, _ in real]).to(device),
-        y_real=torch.tensor([label for _, label in real], device=device) if num_classes else None,
-        queries=queries,
-        attn_images=cfg.logger.attn_images,
-        score=mirror_consistency if isinstance(dataset, MirrorShapes) else None,
-    )
-    logger = RunLogger(
-        run_dir,
-        mode=cfg.logger.mode,
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        name=cfg.logger.name or f"{cfg.experiment or cfg.model.name}-{run_dir.name}",
-        tags=list(cfg.logger.tags),
-        config=config,
-    )
-
-    def images(step: int) -> dict[str, float]:
-        paths, scores = snapshots.write(step, trainer.G, trainer.G_ema, trainer.D)
-        logger.log_images(step, paths)
+    def images(self, step: int) -> dict[str, float]:
+        """Sample grids and attention figures (rank 0; the others go on)."""
+        if self.snapshots is None:
+            return {}
+        paths, scores = self.snapshots.write(step, self.trainer.G, self.trainer.G_ema, self.trainer.D)
+        self.logger.log_images(step, paths)
         if scores:
-            logger.log_scalars(step, scores)
+            self.logger.log_scalars(step, scores)
             log.info(f"step {step}: {' '.join(f'{k} {v:.3f}' for k, v in scores.items())}")
         return scores
 
-    evaluate = make_evaluator(cfg, trainer, dataset, device) if cfg.eval.every > 0 else None
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        if self.logger is not None:
+            self.logger.log_scalars(step, scalars)
 
-    def checkpoint(best: bool = False) -> None:
-        state = {
-            "trainer": trainer.state_dict(),
-            "data": stream.state_dict(),
-            "rng": rng_state(),
-            "model": model,
-            "config": config,
-            "best_fid": best_fid,
-        }
-        save_checkpoint(state, ckpt_dir, trainer.step, cfg.train.keep_last, best=best)
+    def rollback(self, problem: str, rollbacks: int) -> None:
+        """Back to the last good checkpoint with lower learning rates, or stop (Diverged) when that is not allowed."""
+        cfg = self.cfg
+        good = broadcast_object(find_latest(self.ckpt_dir), self.world)
+        if rollbacks >= cfg.train.nan_rollbacks or good is None:
+            raise Diverged(
+                f"{problem}, seen at step {self.trainer.step}: stopped without writing a checkpoint; the last good one "
+                f"is {good or 'none'}. Lower optim.lr_g / optim.lr_d, or set train.nan_rollbacks=N to roll back"
+            )
+        self.restore(good)
+        self.trainer.scale_lr(cfg.train.nan_lr_factor)
+        log.warning(
+            f"{problem}: rolled back to {good} (step {self.trainer.step}), learning rates x{cfg.train.nan_lr_factor} "
+            f"(rollback {rollbacks + 1} of {cfg.train.nan_rollbacks})"
+        )
 
-    steps, every = cfg.train.steps, cfg.logger.log_every
-    progress = Progress(start=trainer.step, total=steps, images_per_step=cfg.train.batch_size * cfg.optim.n_dis)
-    sums: dict[str, torch.Tensor] = {}
-    count, last, warned, rollbacks = 0, {}, set(), 0
-    scores = images(0) if trainer.step == 0 else {}  # what the untrained generator draws
-    with StopRequest() as stop:
-        while trainer.step < steps:
-            losses = trainer.train_step(stream)
-            for k, v in losses.items():  # accumulated on the device: no host sync per step
-                sums[k] = sums.get(k, 0) + v
-            count += 1
-            step = trainer.step
-            log_due = step % every == 0 or step == steps
-            ckpt_due = step % cfg.train.ckpt_every == 0 or step == steps or stop.signal is not None
-            # NaN/Inf are checked when the host reads from the device anyway, and always before a checkpoint.
-            problem = trainer.nonfinite() if log_due or ckpt_due else None
-            if problem is not None:
-                good = find_latest(ckpt_dir)
-                if rollbacks >= cfg.train.nan_rollbacks or good is None:
-                    raise Diverged(
-                        f"{problem}, seen at step {step}: stopped without writing a checkpoint; the last good one is "
-                        f"{good or 'none'}. Lower optim.lr_g / optim.lr_d, or set train.nan_rollbacks=N to roll back"
-                    )
-                rollbacks += 1
-                best_fid = restore(good)["best_fid"]
-                trainer.scale_lr(cfg.train.nan_lr_factor)
-                sums, count = {}, 0
-                log.warning(
-                    f"{problem}: rolled back to {good} (step {trainer.step}), learning rates x{cfg.train.nan_lr_factor} "
-                    f"(rollback {rollbacks} of {cfg.train.nan_rollbacks})"
-                )
-                continue
-            if log_due:
-                last = {k: (v / count).item() for k, v in sums.items()}
-                sums, count = {}, 0
-                images_per_s = progress.update(step, last)
-                scalars = training_scalars(trainer)
-                losses_out = {f"loss/{k.removesuffix('_loss')}": v for k, v in last.items()}
-                logger.log_scalars(step, {**losses_out, "speed/images_per_s": images_per_s, **scalars})
-                warned |= warn_dead_attention(scalars, step, cfg.logger.gamma_warn_after, warned)
-            if step % cfg.logger.image_every == 0 or step == steps:
-                scores = images(step)
-            improved = False
-            if evaluate is not None and (step % cfg.eval.every == 0 or step == steps):
-                metrics = evaluate()
-                logger.log_scalars(step, {f"metrics/{k}": v for k, v in metrics.items()})
-                log.info(f"step {step}: {' '.join(f'{k} {v:.3f}' for k, v in metrics.items())} ({cfg.eval.num_samples} samples)")
-                improved = metrics["fid"] < best_fid
-                best_fid = min(best_fid, metrics["fid"])
-            if ckpt_due or improved:
-                checkpoint(best=improved)
-            if stop.signal is not None:
-                log.warning(
-                    f"stopped by {stop.signal} at step {step} after writing {ckpt_dir / 'last.pt'}: resume with the "
-                    f"same command plus hydra.run.dir={run_dir} train.resume=auto"
-                )
-                break
-    progress.close()
-    logger.finish()
-    return {"step": trainer.step, **last, **scores}
+    def loop(self) -> dict[str, Any]:
+        """Train to `train.steps`, logging, drawing, evaluating and checkpointing on the way. Returns the last losses."""
+        cfg, trainer = self.cfg, self.trainer
+        steps, every = cfg.train.steps, cfg.logger.log_every
+        progress = Progress(start=trainer.step, total=steps, images_per_step=cfg.train.batch_size * cfg.optim.n_dis) if self.world.main else None
+        sums: dict[str, torch.Tensor] = {}
+        count, last, warned, rollbacks = 0, {}, set(), 0
+        scores = self.images(0) if trainer.step == 0 else {}  # what the untrained generator draws
+        vote = StopVote(self.world)
+        with StopRequest() as stop:
+            while trainer.step < steps:
+                losses = trainer.train_step(self.stream)
+                for k, v in losses.items():  # accumulated on the device: no host sync per step
+                    sums[k] = sums.get(k, 0) + v
+                count += 1
+                step = trainer.step
+                stopping = vote.poll(stop.signal is not None)  # every rank stops at the same step
+                log_due = step % every == 0 or step == steps
+                ckpt_due = step % cfg.train.ckpt_every == 0 or step == steps or stopping
+                # NaN/Inf are checked when the host reads from the device anyway, and always before a checkpoint.
+                problem = trainer.nonfinite() if log_due or ckpt_due else None
+                if problem is not None:
+                    self.rollback(problem, rollbacks)
+                    rollbacks += 1
+                    sums, count = {}, 0
+                    continue
+                if log_due:
+                    last = {k: (v / count).item() for k, v in sums.items()}
+                    sums, count = {}, 0
+                    if progress is not None:
+                        images_per_s = progress.update(step, last)
+                        scalars = training_scalars(trainer)
+                        losses_out = {f"loss/{k.removesuffix('_loss')}": v for k, v in last.items()}
+                        self.log_scalars(step, {**losses_out, "speed/images_per_s": images_per_s, **scalars})
+                        warned |= warn_dead_attention(scalars, step, cfg.logger.gamma_warn_after, warned)
+                # When stopping, only the checkpoint: the launcher's grace period (torchrun: 30 s) may be short.
+                if (step % cfg.logger.image_every == 0 or step == steps) and not stopping:
+                    scores = self.images(step)
+                improved = False
+                if self.evaluate is not None and (step % cfg.eval.every == 0 or step == steps) and not stopping:
+                    metrics = self.evaluate()
+                    self.log_scalars(step, {f"metrics/{k}": v for k, v in metrics.items()})
+                    log.info(f"step {step}: {' '.join(f'{k} {v:.3f}' for k, v in metrics.items())} ({cfg.eval.num_samples} samples)")
+                    improved = metrics["fid"] < self.best_fid
+                    self.best_fid = min(self.best_fid, metrics["fid"])
+                if ckpt_due or improved:
+                    self.checkpoint(best=improved)
+                if stopping:
+                    if self.world.main:
+                        log.warning(
+                            f"stopped by {stop.signal or 'a signal to another rank'} at step {step} after writing "
+                            f"{self.ckpt_dir / 'last.pt'}: resume with the same command plus hydra.run.dir={self.run_dir} "
+                            "train.resume=auto"
+                        )
+                    break
+        vote.close()
+        if progress is not None:
+            progress.close()
+            self.logger.finish()
+        return {"step": trainer.step, **last, **scores}
 
 
-def make_evaluator(cfg: DictConfig, trainer: Trainer, dataset: Any, device: torch.device) -> Callable[[], dict[str, float]]:
-    """FID (and IS) of G_ema against the training images, with the reference statistics cached across runs."""
+def make_evaluator(
+    cfg: DictConfig, trainer: Trainer, dataset: Any, device: torch.device, world: World
+) -> Callable[[], dict[str, float]]:
+    """FID (and IS) of G_ema against the training images, with the reference statistics cached across runs.
+
+    Every rank generates its share of the samples; rank 0 runs the Inception network and shares the result.
+    """
     weights = cfg.metrics.inception_weights
     isc = cfg.eval.isc and not classifier_missing(weights)
     if cfg.eval.isc and not isc:
@@ -239,18 +334,31 @@ def make_evaluator(cfg: DictConfig, trainer: Trainer, dataset: Any, device: torc
     cache = cache_name(identity, cfg.model.resolution, cfg.eval.ref_images)
 
     def evaluate() -> dict[str, float]:
-        return compute_metrics(
+        share = generate_share(
             trainer.G_ema,
-            reference,
-            num_samples=cfg.eval.num_samples,
-            reference_cache=cache,
-            isc=isc,
-            weights=weights,
-            cache_root=cfg.metrics.cache_dir or default_cache_root(),
-            batch_size=cfg.metrics.batch_size,
+            cfg.eval.num_samples,
             seed=cfg.train.seed,
+            rank=world.rank,
+            world_size=world.size,
+            batch_size=cfg.metrics.batch_size,
             device=device,
         )
+        images = gather_to_main(share, world)
+        metrics = None
+        if world.main:
+            metrics = compute_metrics(
+                ImageTensor(images[: cfg.eval.num_samples]),
+                reference,
+                num_samples=cfg.eval.num_samples,
+                reference_cache=cache,
+                isc=isc,
+                weights=weights,
+                cache_root=cfg.metrics.cache_dir or default_cache_root(),
+                batch_size=cfg.metrics.batch_size,
+                seed=cfg.train.seed,
+                device=device,
+            )
+        return broadcast_object(metrics, world)
 
     return evaluate
 
@@ -288,7 +396,12 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    run_cli(_hydra_main, check_overrides=sys.argv[1:])
+    overrides = sys.argv[1:]
+    if world_from_env().rank > 0:
+        # Under torchrun, rank 0 owns the run directory (train() hands its path to the others): the other ranks
+        # write no Hydra directory or log file of their own, and show only warnings and errors.
+        sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    run_cli(_hydra_main, check_overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sagan.data import to_float
+from sagan.dist import SINGLE, World, broadcast_buffers
 from sagan.losses import get_losses
+from sagan.models.layers import power_iteration_paused
 
 log = logging.getLogger("sagan")
 
@@ -40,6 +45,8 @@ class Trainer:
         ema_start: int = 1000,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        world: World = SINGLE,
+        grad_accum: int = 1,
         precision: str = "fp32",
         channels_last: bool = False,
         fused_adam: bool = False,
@@ -47,20 +54,33 @@ class Trainer:
     ) -> None:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"unknown precision '{precision}': use fp32 or bf16")
+        if grad_accum < 1:
+            raise ValueError(f"train.grad_accum must be >= 1, got {grad_accum}")
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.G = G.to(self.device, memory_format=self.memory_format)
         self.D = D.to(self.device, memory_format=self.memory_format)
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas, fused=fused_adam or None)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas, fused=fused_adam or None)
         # bf16 autocast for the G and D forwards; weights, optimizer, spectral norm and losses stay fp32.
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        # Compiled views of the same modules (same parameters): the step runs through them, checkpoints use G and D.
-        self.G_step, self.D_step = (torch.compile(self.G), torch.compile(self.D)) if compile else (self.G, self.D)
+        # Views of the same modules (same parameters) that the step runs through; checkpoints use G and D.
+        # G_fast / D_fast: compiled or not. G_train / D_train: the network being trained in a step, wrapped in DDP
+        # with several processes, so its gradients are averaged over ranks. The other network runs unwrapped: the
+        # fakes D trains on need no gradients, and D's gradients in a G step are thrown away.
+        self.G_fast, self.D_fast = (torch.compile(self.G), torch.compile(self.D)) if compile else (self.G, self.D)
+        self.world = world
+        if world.size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.G_train, self.D_train = DDP(self.G_fast, device_ids=ids), DDP(self.D_fast, device_ids=ids)
+        else:
+            self.G_train, self.D_train = self.G_fast, self.D_fast
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)  # after DDP gave every rank rank 0's weights
         self.d_loss_fn, self.g_loss_fn = get_losses(loss)
-        self.n_dis, self.ema_decay, self.ema_start = n_dis, ema_decay, ema_start
-        # Latents and fake labels come from their own generator, saved in checkpoints, so resume is exact.
+        self.n_dis, self.ema_decay, self.ema_start, self.grad_accum = n_dis, ema_decay, ema_start, grad_accum
+        # Latents and fake labels come from their own generator, saved in checkpoints, so resume is exact. Every rank
+        # draws the latents of the whole global batch and takes its own slice: the run draws the same latents
+        # whatever the number of ranks, so its checkpoints resume on any number of them.
         self.seed = seed
         self.rng = torch.Generator(self.device).manual_seed(seed)
         self.step = 0  # G steps done
@@ -69,35 +89,57 @@ class Trainer:
         self.first_bad = torch.full((2,), -1, dtype=torch.long, device=self.device)
 
     def sample_latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        z = torch.randn(n, self.G.z_dim, generator=self.rng, device=self.device)
-        if self.G.num_classes == 0:
-            return z, None
-        return z, torch.randint(self.G.num_classes, (n,), generator=self.rng, device=self.device)
+        """This rank's `n` latents (and fake labels): its slice of the global batch of n * world.size."""
+        total = n * self.world.size
+        z = torch.randn(total, self.G.z_dim, generator=self.rng, device=self.device)
+        y = torch.randint(self.G.num_classes, (total,), generator=self.rng, device=self.device) if self.G.num_classes else None
+        mine = slice(self.world.rank * n, (self.world.rank + 1) * n)
+        return z[mine], None if y is None else y[mine]
+
+    def micro_batches(self, *tensors: torch.Tensor | None) -> Iterator[tuple[torch.Tensor | None, ...]]:
+        """The batch as `grad_accum` micro-batches, each yielded in its context: gradients are averaged over ranks only
+        after the last one's backward, and spectral norm's power iteration runs only in the first one's forwards."""
+        chunks = [t.chunk(self.grad_accum) if t is not None else [None] * self.grad_accum for t in tensors]
+        for i, micro in enumerate(zip(*chunks)):
+            last = i == self.grad_accum - 1
+            with contextlib.ExitStack() as stack:
+                if i > 0:
+                    stack.enter_context(power_iteration_paused(self.G, self.D))
+                if not last and self.world.size > 1:
+                    stack.enter_context(self.G_train.no_sync())
+                    stack.enter_context(self.D_train.no_sync())
+                yield micro
 
     def d_step(self, real: torch.Tensor, y_real: torch.Tensor | None) -> torch.Tensor:
         z, y_fake = self.sample_latents(real.shape[0])
-        with torch.no_grad(), torch.autocast(**self.autocast):
-            fake = self.G_step(z, y_fake).float()
-        # Real and fake in one forward: one spectral-norm power iteration per D step, as the official code does.
-        y = None if y_real is None else torch.cat([y_real, y_fake])
-        images = torch.cat([real, fake]).contiguous(memory_format=self.memory_format)
-        with torch.autocast(**self.autocast):
-            logits = self.D_step(images, y)
-        loss = self.d_loss_fn(*logits.float().chunk(2))
         self.opt_d.zero_grad(set_to_none=True)
-        loss.backward()
+        total = torch.zeros((), device=self.device)
+        for real_m, y_real_m, z_m, y_fake_m in self.micro_batches(real, y_real, z, y_fake):
+            with torch.no_grad(), torch.autocast(**self.autocast):
+                fake = self.G_fast(z_m, y_fake_m).float()
+            # Real and fake in one forward: one spectral-norm power iteration per D step, as the official code does.
+            y = None if y_real_m is None else torch.cat([y_real_m, y_fake_m])
+            images = torch.cat([real_m, fake]).contiguous(memory_format=self.memory_format)
+            with torch.autocast(**self.autocast):
+                logits = self.D_train(images, y)
+            loss = self.d_loss_fn(*logits.float().chunk(2)) / self.grad_accum
+            loss.backward()
+            total += loss.detach()
         self.opt_d.step()
-        return loss.detach()
+        return total
 
     def g_step(self, batch_size: int) -> torch.Tensor:
         z, y = self.sample_latents(batch_size)
-        with torch.autocast(**self.autocast):
-            logits = self.D_step(self.G_step(z, y), y)
-        loss = self.g_loss_fn(logits.float())
         self.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
+        total = torch.zeros((), device=self.device)
+        for z_m, y_m in self.micro_batches(z, y):
+            with torch.autocast(**self.autocast):
+                logits = self.D_fast(self.G_train(z_m, y_m), y_m)
+            loss = self.g_loss_fn(logits.float()) / self.grad_accum
+            loss.backward()
+            total += loss.detach()
         self.opt_g.step()
-        return loss.detach()
+        return total
 
     @torch.no_grad()
     def ema_update(self) -> None:
@@ -116,6 +158,9 @@ class Trainer:
     def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """n_dis D steps on fresh real batches, one G step, one EMA update. Losses stay on the device (no sync).
 
+        `batches` yields this rank's share of each global batch; with several ranks the returned losses are the means
+        over all of them.
+
         Real labels are used only by a class-conditional model; an unconditional one ignores them.
         """
         self.G.train(), self.D.train()
@@ -124,8 +169,16 @@ class Trainer:
             d_loss = self.d_step(to_float(images), labels if self.G.num_classes else None)
         g_loss = self.g_step(images.shape[0])
         self.step += 1
+        # DDP sends rank 0's buffers (BN statistics, SN u and v) at the start of each forward; the forwards after that
+        # updated them on each rank: send them again, so every rank ends the step with the same state.
+        broadcast_buffers([self.G, self.D], self.world)
         self.ema_update()
-        bad = ~torch.isfinite(torch.stack([d_loss, g_loss]))
+        losses = torch.stack([d_loss, g_loss])
+        if self.world.size > 1:  # the global batch's losses, so every rank sees (and acts on) the same values
+            dist.all_reduce(losses)
+            losses /= self.world.size
+        d_loss, g_loss = losses.unbind()
+        bad = ~torch.isfinite(losses)
         self.first_bad = torch.where(bad & (self.first_bad < 0), self.step, self.first_bad)
         return {"d_loss": d_loss, "g_loss": g_loss}
 
