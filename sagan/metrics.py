@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torch_fidelity.generative_model_base import GenerativeModelBase
 
 from sagan.data import to_uint8
+from sagan.sample import draw
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's port of the TF FID Inception (pt_inception-2015-12-05)
 KEYS = {
@@ -71,38 +72,17 @@ class GeneratorSamples(GenerativeModelBase):
         return to_uint8(images)
 
 
-class ImageTensor(Dataset):
-    """A uint8 tensor of images (N, 3, H, W) as a dataset of images, the input torch-fidelity takes."""
+def generate_share(G: nn.Module, n: int, *, seed: int, rank: int, world_size: int, batch_size: int) -> torch.Tensor:
+    """This rank's share of `n` seeded samples of G (eval mode): uint8 on the CPU, zero-padded to ceil(n / world_size).
 
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index]
-
-
-@torch.no_grad()
-def generate_share(
-    G: nn.Module, n: int, *, seed: int, rank: int, world_size: int, batch_size: int, device: torch.device
-) -> torch.Tensor:
-    """This rank's share of `n` seeded samples of G (eval mode): uint8 on the CPU, padded to ceil(n / world_size).
-
-    All n latents (and labels) are drawn from `seed` and rank r draws images [r * share, (r + 1) * share), so
-    concatenating the shares in rank order gives the same images whatever the number of ranks.
+    Rank r draws images [r * share, (r + 1) * share) of the same n latents (`sagan.sample.draw`), so concatenating
+    the shares in rank order gives the same images whatever the number of ranks.
     """
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, G.z_dim, generator=generator)
-    y = torch.randint(G.num_classes, (n,), generator=generator) if G.num_classes else None
     share = -(-n // world_size)
-    out = torch.zeros((share, 3, G.resolution, G.resolution), dtype=torch.uint8)
-    G.eval()
-    for start in range(rank * share, min(n, (rank + 1) * share), batch_size):
-        stop = min(start + batch_size, n, (rank + 1) * share)
-        y_batch = None if y is None else y[start:stop].to(device)
-        out[start - rank * share : stop - rank * share] = to_uint8(G(z[start:stop].to(device), y_batch)).cpu()
+    part = range(min(n, rank * share), min(n, (rank + 1) * share))
+    images, _ = draw(G.eval(), n, seed=seed, choice=None, truncation=None, batch=batch_size, part=part)
+    out = torch.zeros((share, *images.shape[1:]), dtype=torch.uint8)
+    out[: len(images)] = images
     return out
 
 

@@ -56,8 +56,21 @@ def labels_for(n: int, num_classes: int, choice: str | None, generator: torch.Ge
 
 
 @torch.no_grad()
-def draw(G: torch.nn.Module, n: int, *, seed: int, choice: str | None, truncation: float | None, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """n images (uint8, (n, 3, R, R), on the CPU) and their labels; a pure function of the seed and arguments."""
+def draw(
+    G: torch.nn.Module,
+    n: int,
+    *,
+    seed: int,
+    choice: str | None,
+    truncation: float | None,
+    batch: int,
+    part: range | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images `part` (default: all) of n seeded samples (uint8, (len(part), 3, R, R), on the CPU) and their labels.
+
+    A pure function of the seed and arguments: every latent and label of the n is drawn, so image i is the same
+    whichever part is asked for and however it is batched.
+    """
     generator = torch.Generator().manual_seed(seed)
     z = torch.empty(n, G.z_dim)
     if truncation is None:
@@ -67,12 +80,14 @@ def draw(G: torch.nn.Module, n: int, *, seed: int, choice: str | None, truncatio
             raise ValueError(f"truncation must be > 0, got {truncation}")
         torch.nn.init.trunc_normal_(z, a=-truncation, b=truncation, generator=generator)
     y = labels_for(n, G.num_classes, choice, generator)
+    part = range(n) if part is None else part
     device = next(G.parameters()).device
-    chunks = []
-    for i in range(0, n, batch):
-        images = G(z[i : i + batch].to(device), None if y is None else y[i : i + batch].to(device))
-        chunks.append(to_uint8(images).cpu())
-    return torch.cat(chunks), y
+    images = torch.empty((len(part), 3, G.resolution, G.resolution), dtype=torch.uint8)
+    for i in range(part.start, part.stop, batch):
+        j = min(i + batch, part.stop)
+        out = G(z[i:j].to(device), None if y is None else y[i:j].to(device))
+        images[i - part.start : j - part.start] = to_uint8(out).cpu()
+    return images, None if y is None else y[part.start : part.stop]
 
 
 def sample(args: Any) -> Path:

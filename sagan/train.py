@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import TensorDataset
 
 from sagan.checkpoint import check_same_model, find_latest, load_checkpoint, remove_partial, save_checkpoint
 from sagan.cli import run_cli
@@ -36,7 +37,6 @@ from sagan.dist import (
 from sagan.logging import RunLogger
 from sagan.metrics import (
     ImagesOnly,
-    ImageTensor,
     cache_name,
     classifier_missing,
     compute_metrics,
@@ -341,13 +341,12 @@ def make_evaluator(
             rank=world.rank,
             world_size=world.size,
             batch_size=cfg.metrics.batch_size,
-            device=device,
         )
         images = gather_to_main(share, world)
         metrics = None
         if world.main:
             metrics = compute_metrics(
-                ImageTensor(images[: cfg.eval.num_samples]),
+                ImagesOnly(TensorDataset(images[: cfg.eval.num_samples])),
                 reference,
                 num_samples=cfg.eval.num_samples,
                 reference_cache=cache,

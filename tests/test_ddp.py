@@ -156,7 +156,7 @@ def test_evaluation_during_a_two_process_run(tmp_path):
 
 def test_generated_shares_of_ranks_add_up_to_one_process():
     G, _ = build_models(compose_config(*TINY, "model.conditional=true").model, num_classes=3)
-    common = dict(seed=3, batch_size=2, device=torch.device("cpu"))
+    common = dict(seed=3, batch_size=2)
     alone = generate_share(G, 7, rank=0, world_size=1, **common)
     shares = [generate_share(G, 7, rank=r, world_size=2, **common) for r in range(2)]
     assert shares[0].shape == shares[1].shape == (4, 3, 32, 32)  # ceil(7 / 2), the last one padded
