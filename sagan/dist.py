@@ -7,6 +7,7 @@ tensors, gloo for CPU tensors. Without them there is one process and no process 
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from dataclasses import dataclass
@@ -58,6 +59,17 @@ def init_distributed(device_name: str, timeout_min: float) -> tuple[World, torch
             device_id=device if device.type == "cuda" else None,
         )
     return world, device
+
+
+def leave_distributed(world: World) -> None:
+    """Leave the process group at the end of training, once the DDP wrappers that hold it have been dropped.
+
+    A group still held when the interpreter exits is torn down during finalization, where gloo can abort the process
+    (SIGABRT after a run that succeeded, which torchrun reports as a failure).
+    """
+    if world.size > 1:
+        gc.collect()  # wrappers caught in reference cycles
+        dist.destroy_process_group()
 
 
 def resolve_device(name: str, world: World = SINGLE) -> torch.device:

@@ -11,7 +11,6 @@ from typing import Any
 
 import hydra
 import torch
-import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import TensorDataset
@@ -27,6 +26,7 @@ from sagan.dist import (
     broadcast_object,
     gather_to_main,
     init_distributed,
+    leave_distributed,
     rank_seed,
     resolve_perf,
     rng_state,
@@ -74,10 +74,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """
     check_config(cfg, world_from_env().size)
     world, device = init_distributed(cfg.device, cfg.dist.timeout_min)
-    run = Run(cfg, broadcast_object(run_dir, world), world, device)
-    result = run.loop()
-    if world.size > 1:
-        dist.destroy_process_group()
+    result = Run(cfg, broadcast_object(run_dir, world), world, device).loop()
+    leave_distributed(world)  # the Run, with its DDP wrappers, is gone by now
     return result
 
 

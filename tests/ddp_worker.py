@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from sagan.data import BatchStream, MirrorShapes
-from sagan.dist import init_distributed
+from sagan.dist import init_distributed, leave_distributed
 from sagan.models import build_models
 from sagan.trainer import Trainer
 from conftest import TINY, compose_config
@@ -48,7 +48,8 @@ def main() -> None:
             if not all(torch.equal(mine, other) for other in everyone):
                 sys.exit(f"rank {world.rank}: {name} differs between ranks after step {step}")
     print(f"rank {world.rank}: ok after {steps} steps")
-    dist.destroy_process_group()
+    del trainer  # its DDP wrappers hold the process group
+    leave_distributed(world)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complete
 def train_two_processes(tmp_path: Path, *overrides: str, name: str = "ddp") -> Path:
     """`sagan-train` on 2 processes, run from `tmp_path`; returns the run directory, tmp_path / name."""
     result = torchrun("-m", "sagan.train", *RUN, *overrides, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return tmp_path / name
 
 
@@ -65,7 +65,7 @@ def test_ranks_hold_identical_networks_after_every_step():
     # Different initial weights per rank, conditional model, 2 micro-batches: DDP must make and keep them identical,
     # with G's BatchNorm statistics and the spectral-norm vectors resynchronised every step.
     result = torchrun(str(TESTS / "ddp_worker.py"), "3", "2", cwd=TESTS)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "rank 0: ok after 3 steps" in result.stdout and "rank 1: ok after 3 steps" in result.stdout
 
 
