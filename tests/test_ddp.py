@@ -26,14 +26,16 @@ RUN = [*TINY, "train.steps=4", "train.ckpt_every=2", "data.num_workers=0", "perf
 
 
 def torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `args` on 2 processes through torchrun; fails the test, with the workers' output, unless all exit 0."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
 
 
 def train_two_processes(tmp_path: Path, *overrides: str, name: str = "ddp") -> Path:
     """`sagan-train` on 2 processes, run from `tmp_path`; returns the run directory, tmp_path / name."""
-    result = torchrun("-m", "sagan.train", *RUN, *overrides, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    torchrun("-m", "sagan.train", *RUN, *overrides, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
     return tmp_path / name
 
 
@@ -65,7 +67,6 @@ def test_ranks_hold_identical_networks_after_every_step():
     # Different initial weights per rank, conditional model, 2 micro-batches: DDP must make and keep them identical,
     # with G's BatchNorm statistics and the spectral-norm vectors resynchronised every step.
     result = torchrun(str(TESTS / "ddp_worker.py"), "3", "2", cwd=TESTS)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "rank 0: ok after 3 steps" in result.stdout and "rank 1: ok after 3 steps" in result.stdout
 
 
