@@ -7,12 +7,14 @@ import os
 import pickle
 import re
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
+from sagan.config import ModelConfig
 from sagan.models import Discriminator, Generator, build_models
 
 FORMAT = "sagan-checkpoint-v1"
@@ -105,8 +107,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def model_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model record, completed with the defaults of settings added since it was written (each added
+    setting defaults to the behaviour the code had before it existed)."""
+    return {**asdict(ModelConfig()), **saved}
+
+
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Fail with the differing keys, not a wall of state-dict names, when a checkpoint's model config differs."""
+    saved = model_settings(saved)
     keys = sorted((set(saved) | set(current)) - {"name"})  # a renamed preset with the same values is the same model
     diffs = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
     if diffs:
@@ -116,7 +125,7 @@ def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path)
 def networks_from_checkpoint(state: dict[str, Any], *, ema: bool, device: torch.device) -> tuple[Generator, Discriminator]:
     """G_ema (or G with `ema=False`) and D of a loaded checkpoint, rebuilt from the model settings it records, in
     eval mode on `device`."""
-    model = OmegaConf.create(state["model"])
+    model = OmegaConf.create(model_settings(state["model"]))
     G, D = build_models(model, model.num_classes)
     G.load_state_dict(state["trainer"]["G_ema" if ema else "G"])
     D.load_state_dict(state["trainer"]["D"])

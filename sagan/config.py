@@ -25,6 +25,9 @@ class ModelConfig:
     d_sn: bool = True
     init: str = "xavier"  # xavier (official) | orthogonal (BigGAN) | normal (N(0, 0.02))
     conditional: bool = False  # class-conditional G (cBN) and D (projection); needs labelled data
+    # G's BatchNorm momentum (PyTorch's convention: running = (1 - m) running + m batch). 0.1 is PyTorch's and
+    # BigGAN's default; the official TF code uses decay 0.999 (m = 0.001) in its conditional BNs, 0.9999 in the last.
+    bn_momentum: float = 0.1
 
 
 @dataclass
@@ -35,7 +38,7 @@ class DataConfig:
     split: str = "train"
     hflip: bool = True  # random horizontal flips
     in_memory: bool = False  # decode once into one tensor on the training device (small datasets)
-    num_workers: int = 4
+    num_workers: Optional[int] = None  # data-loading processes; default: the CPUs this process may use, at most 8
     size: Optional[int] = None  # number of images of the generated demo set
     skip_bad: bool = False  # skip unreadable images instead of failing
 
@@ -51,10 +54,14 @@ class OptimConfig:
     lr_g: float = 1e-4
     lr_d: float = 4e-4
     beta1: float = 0.0
-    beta2: float = 0.9
+    beta2: float = 0.9  # the paper's; the official code leaves TF's default 0.999
+    eps: float = 1e-8  # Adam's epsilon
     n_dis: int = 1  # D steps per G step
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # 0: no averaging (G_ema is a copy of G)
     ema_start: int = 1000  # G steps before averaging starts (G_ema copies G until then)
+    # G_ema's BatchNorm statistics: standing (re-estimated from G_ema's own samples, BigGAN) | copy (G's running ones)
+    ema_bn: str = "standing"
+    ema_bn_batches: int = 16  # batches of the training batch size that standing statistics average over
 
 
 @dataclass
@@ -155,6 +162,9 @@ def check_config(cfg: Any, world_size: int = 1) -> None:
         (cfg.optim.lr_g > 0 and cfg.optim.lr_d > 0, f"learning rates must be > 0, got lr_g={cfg.optim.lr_g} lr_d={cfg.optim.lr_d}"),
         (0 <= cfg.optim.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}"),
         (cfg.optim.n_dis >= 1, f"optim.n_dis must be >= 1, got {cfg.optim.n_dis}"),
+        (cfg.optim.ema_bn_batches >= 1, f"optim.ema_bn_batches must be >= 1, got {cfg.optim.ema_bn_batches}"),
+        (cfg.optim.eps > 0, f"optim.eps must be > 0, got {cfg.optim.eps}"),
+        (0 <= cfg.model.bn_momentum <= 1, f"model.bn_momentum must be in [0, 1], got {cfg.model.bn_momentum}"),
         (cfg.train.ckpt_every > 0, f"train.ckpt_every must be > 0, got {cfg.train.ckpt_every}"),
         (cfg.logger.image_every > 0, f"logger.image_every must be > 0, got {cfg.logger.image_every}"),
         (cfg.logger.num_samples > 0 and cfg.logger.attn_images > 0, "logger.num_samples and logger.attn_images must be > 0"),

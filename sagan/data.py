@@ -64,6 +64,46 @@ class DatasetError(ValueError):
     """A dataset cannot be built or read; the message names the problem and the config key that fixes it."""
 
 
+def default_num_workers() -> int:
+    """Data-loading workers per process when `data.num_workers` is unset: the CPUs this process may run on, shared
+    among the training processes torchrun started on this machine, at most 8 (more rarely helps decode 32-256 px)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def describe_dataset(dataset: Dataset, name: str) -> str:
+    """What a run trains on, for its log: the source, the number of images and the classes."""
+    source = name
+    if isinstance(dataset, ImageFolder):
+        source = f"folder '{dataset.root}'"
+    elif isinstance(dataset, TorchvisionImages):
+        source = f"{name} ({type(dataset.base).__name__} under '{dataset.base.root}')"
+    elif isinstance(dataset, MirrorShapes):
+        source = "demo (generated mirror-symmetric shapes)"
+    classes = getattr(dataset, "classes", [])
+    shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+    return f"{source}, {len(dataset):,} images, " + (f"{len(classes)} classes ({shown})" if classes else "unlabeled")
+
+
+def worker_error(error: Exception) -> Exception:
+    """An error raised by a dataset inside a DataLoader worker, as the dataset raised it.
+
+    The DataLoader re-raises it in the main process as the same type, but with the worker's whole traceback as its
+    message; the original message is the traceback's last line, after the type's name.
+    """
+    text = str(error)
+    if "Original Traceback" not in text:
+        return error
+    last = text.strip().splitlines()[-1]
+    kind, _, message = last.partition(": ")
+    if not message or kind.rsplit(".", 1)[-1] != type(error).__name__:
+        return error
+    try:
+        return type(error)(message)
+    except TypeError:  # an exception type that takes other arguments: keep the wrapped one
+        return error
+
+
 def build_dataset(
     name: str,
     *,
@@ -524,7 +564,10 @@ class BatchStream:
             if self._iterator is None:  # first call, or after load_state_dict: restart the loader at our position
                 self._sampler.start = (epoch, batch)
                 self._iterator = iter(self._loader)
-            images, labels = next(self._iterator)
+            try:
+                images, labels = next(self._iterator)
+            except Exception as error:
+                raise worker_error(error) from None
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
         if flips is not None:
@@ -556,10 +599,13 @@ def _decode_all(dataset: Dataset, *, num_workers: int, generator: torch.Generato
     images: torch.Tensor | None = None
     labels = torch.empty(len(dataset), dtype=torch.int64)
     start = 0
-    for x, y in loader:
-        if images is None:  # preallocate: concatenating chunks would briefly need twice the memory
-            images = torch.empty((len(dataset), *x.shape[1:]), dtype=torch.uint8)
-        images[start : start + len(x)] = x
-        labels[start : start + len(x)] = y
-        start += len(x)
+    try:
+        for x, y in loader:
+            if images is None:  # preallocate: concatenating chunks would briefly need twice the memory
+                images = torch.empty((len(dataset), *x.shape[1:]), dtype=torch.uint8)
+            images[start : start + len(x)] = x
+            labels[start : start + len(x)] = y
+            start += len(x)
+    except Exception as error:
+        raise worker_error(error) from None
     return images, labels

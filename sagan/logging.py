@@ -14,6 +14,8 @@ from typing import Any
 
 from PIL import Image
 
+from sagan.checkpoint import atomic_write
+
 log = logging.getLogger("sagan")
 
 MODES = ("offline", "online", "disabled")
@@ -58,6 +60,17 @@ class RunLogger:
         if mode == "offline":
             log.info(f"W&B offline run in {self.wandb.dir}: upload with `wandb sync {Path(self.wandb.dir).parent}`")
 
+    def drop_after(self, step: int) -> None:
+        """Remove the rows of `metrics.jsonl` logged after `step`: a run that continues from the checkpoint of `step`
+        (a resume, a NaN rollback) logs those steps again. W&B keeps what it has (it cannot log a step twice)."""
+        path = self.run_dir / "metrics.jsonl"
+        rows = path.read_text().splitlines(keepends=True)
+        kept = [row for row in rows if _step_of(row) is not None and _step_of(row) <= step]
+        if len(kept) != len(rows):
+            self.metrics.close()
+            atomic_write(path, "".join(kept).encode())
+            self.metrics = open(path, "a")
+
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
         self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
         self.metrics.flush()
@@ -75,3 +88,11 @@ class RunLogger:
         self.metrics.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _step_of(row: str) -> int | None:
+    """The step of a metrics.jsonl row, or None for a row that a killed process left half-written."""
+    try:
+        return int(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,24 +203,39 @@ def compute_metrics(
         kwargs["feature_extractor_weights_path"] = str(Path(weights).expanduser())
     if kid:
         kwargs["kid_subset_size"] = kid_subset_size
-    raw = torch_fidelity.calculate_metrics(
-        input1=generated,
-        input2=reference,
-        input1_model_num_samples=num_samples,
-        fid=fid,
-        isc=isc,
-        kid=kid,
-        prc=prc,
-        cuda=device.type == "cuda",
-        batch_size=batch_size,
-        rng_seed=seed,
-        samples_shuffle=False,
-        save_cpu_ram=True,
-        verbose=verbose,
-        feature_extractor=INCEPTION,
-        **kwargs,
-    )
+    with full_precision():
+        raw = torch_fidelity.calculate_metrics(
+            input1=generated,
+            input2=reference,
+            input1_model_num_samples=num_samples,
+            fid=fid,
+            isc=isc,
+            kid=kid,
+            prc=prc,
+            cuda=device.type == "cuda",
+            batch_size=batch_size,
+            rng_seed=seed,
+            samples_shuffle=False,
+            save_cpu_ram=True,
+            verbose=verbose,
+            feature_extractor=INCEPTION,
+            **kwargs,
+        )
     return {KEYS[k]: float(v) for k, v in raw.items() if k in KEYS}
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """TF32 off (CUDA matmuls and convolutions in true fp32) inside the block, as before it afterwards: training turns
+    it on for speed, but the Inception features that FID compares must match the reference implementation's."""
+    # The allow_tf32 flags, as in `resolve_perf`: torch refuses reads of one API's flags after writes through the
+    # other (fp32_precision), and torch.compile reads them through the old one.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def default_cache_root() -> str:

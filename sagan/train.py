@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from sagan.checkpoint import check_same_model, find_latest, load_checkpoint, remove_partial, save_checkpoint
 from sagan.cli import run_cli
 from sagan.config import check_config
-from sagan.data import BatchStream, MirrorShapes, build_dataset, mirror_consistency
+from sagan.data import BatchStream, MirrorShapes, build_dataset, default_num_workers, describe_dataset, mirror_consistency
 from sagan.dist import (
     StopVote,
     World,
@@ -99,6 +99,8 @@ class Run:
         G, D = build_models(cfg.model, num_classes)
         if cfg.dist.sync_bn:
             use_sync_batchnorm(G)
+        # The batch each of G's BatchNorms normalises over: G_ema's standing statistics use batches of that size.
+        bn_batch = cfg.train.batch_size // cfg.train.grad_accum // (1 if cfg.dist.sync_bn else world.size)
         self.trainer = Trainer(
             G,
             D,
@@ -106,9 +108,13 @@ class Run:
             lr_g=cfg.optim.lr_g,
             lr_d=cfg.optim.lr_d,
             betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps,
             n_dis=cfg.optim.n_dis,
             ema_decay=cfg.optim.ema_decay,
             ema_start=cfg.optim.ema_start,
+            ema_bn=cfg.optim.ema_bn,
+            ema_bn_batches=cfg.optim.ema_bn_batches,
+            ema_bn_batch_size=bn_batch,
             device=device,
             seed=cfg.train.seed,
             world=world,
@@ -125,12 +131,13 @@ class Run:
             rank=world.rank,
             world_size=world.size,
             in_memory=cfg.data.in_memory,
-            num_workers=cfg.data.num_workers,
+            num_workers=default_num_workers() if cfg.data.num_workers is None else cfg.data.num_workers,
         )
         self.ckpt_dir = run_dir / "checkpoints"
         self.model = model_record(cfg, num_classes)
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.best_fid = math.inf  # of the evaluations so far; best.pt holds that model
+        self.rollbacks = 0  # NaN rollbacks so far (checkpointed: the bound holds across resumes)
         self.evaluate = make_evaluator(cfg, self.trainer, dataset, device, world) if cfg.eval.every > 0 else None
 
         path = broadcast_object(resume_path(cfg.train.resume, self.ckpt_dir), world)  # rank 0's choice for all
@@ -145,10 +152,14 @@ class Run:
             remove_partial(self.ckpt_dir)
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
             self.snapshots, self.logger = self.outputs(dataset, num_classes, device)
+            # Rows that an earlier attempt logged past the checkpoint this run continues from (all of them, when it
+            # starts afresh) are logged again by this run.
+            self.logger.drop_after(self.trainer.step if path is not None else -1)
         log.info(
             f"run directory: {run_dir.resolve()} | {world.size} process(es), device {device} | G {num_params(G)/1e6:.2f}M "
             f"D {num_params(D)/1e6:.2f}M parameters | {', '.join(f'{k} {v}' for k, v in perf.items())}"
         )
+        log.info(f"data: {describe_dataset(dataset, cfg.data.name)}, {cfg.model.resolution} px")
 
     def dataset(self) -> Any:
         """The training set. Rank 0 builds it first (and downloads it, if asked), the others once it is there."""
@@ -208,6 +219,7 @@ class Run:
         if not self.world.main:
             seed_everything(rank_seed(self.cfg.train.seed + self.trainer.step, self.world.rank))
         self.best_fid = state["best_fid"]
+        self.rollbacks = state.get("rollbacks", 0)
 
     def checkpoint(self, best: bool = False) -> None:
         """Rank 0 writes; every rank returns once the file is complete."""
@@ -219,6 +231,7 @@ class Run:
                 "model": self.model,
                 "config": self.config,
                 "best_fid": self.best_fid,
+                "rollbacks": self.rollbacks,
             }
             save_checkpoint(state, self.ckpt_dir, self.trainer.step, self.cfg.train.keep_last, best=best)
         barrier(self.world)
@@ -227,7 +240,7 @@ class Run:
         """Sample grids and attention figures (rank 0; the others go on)."""
         if self.snapshots is None:
             return {}
-        paths, scores = self.snapshots.write(step, self.trainer.G, self.trainer.G_ema, self.trainer.D)
+        paths, scores = self.snapshots.write(step, self.trainer.G, self.trainer.ema_generator(), self.trainer.D)
         self.logger.log_images(step, paths)
         if scores:
             self.logger.log_scalars(step, scores)
@@ -238,20 +251,24 @@ class Run:
         if self.logger is not None:
             self.logger.log_scalars(step, scalars)
 
-    def rollback(self, problem: str, rollbacks: int) -> None:
+    def rollback(self, problem: str) -> None:
         """Back to the last good checkpoint with lower learning rates, or stop (Diverged) when that is not allowed."""
         cfg = self.cfg
         good = broadcast_object(find_latest(self.ckpt_dir), self.world)
+        rollbacks = self.rollbacks
         if rollbacks >= cfg.train.nan_rollbacks or good is None:
             raise Diverged(
                 f"{problem}, seen at step {self.trainer.step}: stopped without writing a checkpoint; the last good one "
                 f"is {good or 'none'}. Lower optim.lr_g / optim.lr_d, or set train.nan_rollbacks=N to roll back"
             )
         self.restore(good)
+        self.rollbacks = rollbacks + 1
         self.trainer.scale_lr(cfg.train.nan_lr_factor)
+        if self.logger is not None:
+            self.logger.drop_after(self.trainer.step)
         log.warning(
             f"{problem}: rolled back to {good} (step {self.trainer.step}), learning rates x{cfg.train.nan_lr_factor} "
-            f"(rollback {rollbacks + 1} of {cfg.train.nan_rollbacks})"
+            f"(rollback {self.rollbacks} of {cfg.train.nan_rollbacks})"
         )
 
     def loop(self) -> dict[str, Any]:
@@ -260,7 +277,7 @@ class Run:
         steps, every = cfg.train.steps, cfg.logger.log_every
         progress = Progress(start=trainer.step, total=steps, images_per_step=cfg.train.batch_size * cfg.optim.n_dis) if self.world.main else None
         sums: dict[str, torch.Tensor] = {}
-        count, last, warned, rollbacks = 0, {}, set(), 0
+        count, last, warned = 0, {}, set()
         scores = self.images(0) if trainer.step == 0 else {}  # what the untrained generator draws
         vote = StopVote(self.world)
         with StopRequest() as stop:
@@ -276,8 +293,7 @@ class Run:
                 # NaN/Inf are checked when the host reads from the device anyway, and always before a checkpoint.
                 problem = trainer.nonfinite() if log_due or ckpt_due else None
                 if problem is not None:
-                    self.rollback(problem, rollbacks)
-                    rollbacks += 1
+                    self.rollback(problem)
                     sums, count = {}, 0
                     continue
                 if log_due:
@@ -333,7 +349,7 @@ def make_evaluator(
 
     def evaluate() -> dict[str, float]:
         share = generate_share(
-            trainer.G_ema,
+            trainer.ema_generator(),
             cfg.eval.num_samples,
             seed=cfg.train.seed,
             rank=world.rank,

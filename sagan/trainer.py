@@ -16,9 +16,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sagan.data import to_float
 from sagan.dist import SINGLE, World, broadcast_buffers
 from sagan.losses import get_losses
-from sagan.models.layers import power_iteration_paused
+from sagan.models.layers import power_iteration_paused, use_plain_batchnorm
+from sagan.standing_stats import standing_statistics
 
 log = logging.getLogger("sagan")
+
+EMA_BN = ("standing", "copy")  # where G_ema's BatchNorm statistics come from (see `Trainer.ema_generator`)
 
 
 class Diverged(RuntimeError):
@@ -40,9 +43,13 @@ class Trainer:
         lr_g: float = 1e-4,
         lr_d: float = 4e-4,
         betas: tuple[float, float] = (0.0, 0.9),
+        eps: float = 1e-8,
         n_dis: int = 1,
         ema_decay: float = 0.9999,
         ema_start: int = 1000,
+        ema_bn: str = "standing",
+        ema_bn_batches: int = 16,
+        ema_bn_batch_size: int = 64,
         device: torch.device | str = "cpu",
         seed: int = 0,
         world: World = SINGLE,
@@ -56,12 +63,19 @@ class Trainer:
             raise ValueError(f"unknown precision '{precision}': use fp32 or bf16")
         if grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {grad_accum}")
+        if ema_bn not in EMA_BN:
+            raise ValueError(f"unknown optim.ema_bn '{ema_bn}': choose one of {', '.join(EMA_BN)}")
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.G = G.to(self.device, memory_format=self.memory_format)
         self.D = D.to(self.device, memory_format=self.memory_format)
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas, fused=fused_adam or None)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas, fused=fused_adam or None)
+        # The optimizer settings come from the arguments, also on resume (`load_state_dict` keeps only the moments);
+        # `lr_scale` is what NaN rollbacks have multiplied the learning rates by so far.
+        self.lr = {"G": lr_g, "D": lr_d}
+        self.adam = {"betas": tuple(betas), "eps": eps, "fused": fused_adam}
+        self.lr_scale = 1.0
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas, eps=eps, fused=fused_adam)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas, eps=eps, fused=fused_adam)
         # bf16 autocast for the G and D forwards; weights, optimizer, spectral norm and losses stay fp32.
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         # Views of the same modules (same parameters) that the step runs through; checkpoints use G and D.
@@ -75,9 +89,21 @@ class Trainer:
             self.G_train, self.D_train = DDP(self.G_fast, device_ids=ids), DDP(self.D_fast, device_ids=ids)
         else:
             self.G_train, self.D_train = self.G_fast, self.D_fast
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)  # after DDP gave every rank rank 0's weights
+        # After DDP gave every rank rank 0's weights. G_ema's BatchNorms are plain ones also when G's are synchronised:
+        # its standing statistics are computed by whichever rank needs them, alone.
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        use_plain_batchnorm(self.G_ema)
         self.d_loss_fn, self.g_loss_fn = get_losses(loss)
         self.n_dis, self.ema_decay, self.ema_start, self.grad_accum = n_dis, ema_decay, ema_start, grad_accum
+        # G_ema's BatchNorm statistics: "copy" takes G's running statistics at every EMA update; "standing"
+        # re-estimates them from G_ema itself (`ema_generator`), so the EMA update copies only the other buffers.
+        self.ema_bn, self.ema_bn_batches, self.ema_bn_batch_size = ema_bn, ema_bn_batches, ema_bn_batch_size
+        self._ema_buffers = [
+            (name, buffer)
+            for name, buffer in self.G_ema.named_buffers()
+            if ema_bn == "copy" or not name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        ]
+        self._ema_stats_step = -1  # the step whose weights G_ema's standing statistics belong to
         # Latents and fake labels come from their own generator, saved in checkpoints, so resume is exact. Every rank
         # draws the latents of the whole global batch and takes its own slice: the run draws the same latents
         # whatever the number of ranks, so its checkpoints resume on any number of them.
@@ -129,15 +155,23 @@ class Trainer:
         return total
 
     def g_step(self, batch_size: int) -> torch.Tensor:
+        """One G update through a frozen D, as the official code does it: D's parameters get no gradients (they still
+        pass gradients on to G) and D's spectral norm uses its current u and v, without a power iteration (the
+        official code builds this D call with update_collection=NO_OPS), so D's u moves once per D update."""
         z, y = self.sample_latents(batch_size)
         self.opt_g.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for z_m, y_m in self.micro_batches(z, y):
-            with torch.autocast(**self.autocast):
-                logits = self.D_fast(self.G_train(z_m, y_m), y_m)
-            loss = self.g_loss_fn(logits.float()) / self.grad_accum
-            loss.backward()
-            total += loss.detach()
+        self.D.requires_grad_(False)
+        try:
+            with power_iteration_paused(self.D):
+                for z_m, y_m in self.micro_batches(z, y):
+                    with torch.autocast(**self.autocast):
+                        logits = self.D_fast(self.G_train(z_m, y_m), y_m)
+                    loss = self.g_loss_fn(logits.float()) / self.grad_accum
+                    loss.backward()
+                    total += loss.detach()
+        finally:
+            self.D.requires_grad_(True)
         self.opt_g.step()
         return total
 
@@ -153,7 +187,21 @@ class Trainer:
             torch._foreach_copy_(ema_params, params)
         else:
             torch._foreach_lerp_(ema_params, params, 1 - self.ema_decay)
-        torch._foreach_copy_(list(self.G_ema.buffers()), list(self.G.buffers()))
+        G_buffers = dict(self.G.named_buffers())
+        torch._foreach_copy_([b for _, b in self._ema_buffers], [G_buffers[name] for name, _ in self._ema_buffers])
+
+    def ema_generator(self) -> nn.Module:
+        """G_ema, ready to draw samples, FID or figures, and to be saved: in eval mode, and with `ema_bn="standing"`
+        with standing BatchNorm statistics of its current weights (computed once per step, when first asked for)."""
+        if self.ema_bn == "standing" and self._ema_stats_step != self.step:
+            standing_statistics(
+                self.G_ema,
+                batches=self.ema_bn_batches,
+                batch_size=self.ema_bn_batch_size,
+                seed=self.seed,
+            )
+            self._ema_stats_step = self.step
+        return self.G_ema.eval()
 
     def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """n_dis D steps on fresh real batches, one G step, one EMA update. Losses stay on the device (no sync).
@@ -194,6 +242,8 @@ class Trainer:
         return f"non-finite {', '.join(bad)}" if bad else None
 
     def scale_lr(self, factor: float) -> None:
+        """Multiply both learning rates by `factor` (a NaN rollback), for the rest of the run and after resumes."""
+        self.lr_scale *= factor
         for opt in (self.opt_g, self.opt_d):
             for group in opt.param_groups:
                 group["lr"] *= factor
@@ -202,21 +252,28 @@ class Trainer:
         return {
             "G": self.G.state_dict(),
             "D": self.D.state_dict(),
-            "G_ema": self.G_ema.state_dict(),
+            "G_ema": self.ema_generator().state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "rng": self.rng.get_state(),
             "rng_device": self.device.type,
             "step": self.step,
+            "lr_scale": self.lr_scale,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: weights, Adam's moments, the step and the latent stream from the checkpoint; the
+        optimizer settings (learning rates, betas, eps, fused) from this trainer's arguments, times the checkpoint's
+        rollback factor. Settings that differ from the checkpoint's are logged."""
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
         self.G_ema.load_state_dict(state["G_ema"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        self.lr_scale = state.get("lr_scale", 1.0)
+        changed = self._load_optimizer("G", self.opt_g, state["opt_g"]) + self._load_optimizer("D", self.opt_d, state["opt_d"])
+        if changed:
+            log.info(f"optimizer settings from the current config, not the checkpoint: {'; '.join(changed)}")
         self.step = state["step"]
+        self._ema_stats_step = self.step  # the checkpoint's G_ema statistics belong to its weights
         if state["rng_device"] == self.device.type:
             self.rng.set_state(state["rng"])
         else:  # CPU and CUDA generators have different states: continue with a fresh, still seeded, latent stream
@@ -225,3 +282,18 @@ class Trainer:
                 f"checkpoint was written on {state['rng_device']}, this run is on {self.device.type}: training "
                 "continues with a new latent stream, so it is not bit-identical to an uninterrupted run"
             )
+
+    def _load_optimizer(self, name: str, opt: torch.optim.Optimizer, saved: dict[str, Any]) -> list[str]:
+        """Load Adam's state with this trainer's settings in place of the saved ones; returns what differed."""
+        current = {"lr": self.lr[name] * self.lr_scale, **self.adam}
+        changed, groups = [], []
+        for group in saved["param_groups"]:
+            for key, value in current.items():
+                before = bool(group.get(key)) if key == "fused" else group.get(key)
+                before = tuple(before) if key == "betas" else before
+                if before != value:
+                    changed.append(f"{name} {key} {before} -> {value}")
+            groups.append({**group, **current})
+        # Loaded with the current settings, so that fused Adam finds its step counters where it needs them.
+        opt.load_state_dict({**saved, "param_groups": groups})
+        return sorted(set(changed))

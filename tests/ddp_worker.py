@@ -1,7 +1,7 @@
 """Run by test_ddp.py under `torchrun --nproc_per_node=2`: train a few steps and check after every step that all ranks
 hold the same G, D and G_ema (parameters and buffers, bit for bit) and different real batches.
 
-Usage: torchrun --nproc_per_node=N tests/ddp_worker.py STEPS GRAD_ACCUM
+Usage: torchrun --nproc_per_node=N tests/ddp_worker.py STEPS GRAD_ACCUM [compile]
 Prints one line "rank R: ok after S steps" per rank, or exits non-zero with what differed.
 """
 
@@ -24,12 +24,14 @@ def flat_state(module: torch.nn.Module) -> torch.Tensor:
 
 
 def main() -> None:
-    steps, grad_accum = int(sys.argv[1]), int(sys.argv[2])
+    steps, grad_accum, compile = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["compile"]
     cfg = compose_config(*TINY, "model.conditional=true")
     world, device = init_distributed("cpu", timeout_min=2)
     torch.manual_seed(world.rank)  # different initial weights per rank: DDP must start them all from rank 0's
     G, D = build_models(cfg.model, num_classes=3)
-    trainer = Trainer(G, D, lr_g=2e-4, lr_d=4e-4, ema_start=0, seed=0, world=world, grad_accum=grad_accum, device=device)
+    trainer = Trainer(
+        G, D, lr_g=2e-4, lr_d=4e-4, ema_start=0, seed=0, world=world, grad_accum=grad_accum, device=device, compile=compile
+    )
     dataset = MirrorShapes(size=64, resolution=32, seed=0)
     stream = BatchStream(dataset, batch_size=8 // world.size, seed=0, rank=world.rank, world_size=world.size, hflip=True)
 

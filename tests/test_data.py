@@ -181,6 +181,35 @@ def test_bad_images_raise_or_are_skipped(tmp_path: Path, as_zip: bool, caplog: p
     assert lenient.num_bad == 2  # distinct files, not occurrences
 
 
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height pixels (no pixel data): what PIL checks before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_errors_in_loader_workers_read_like_any_other_error(tmp_path: Path, in_memory: bool) -> None:
+    """A 20000x20000 image (PIL's decompression-bomb guard refuses it) read by a DataLoader worker: the error is ours,
+    one line, not the worker's traceback."""
+    for i in range(3):
+        Image.fromarray(_noise(32, 32, i)).save(tmp_path / f"{i}.png")
+    _png_header_only(tmp_path / "3_huge.png", 20000, 20000)
+    dataset = build_dataset("folder", root=str(tmp_path), resolution=R, labels=False)
+    with pytest.raises(DatasetError) as error:
+        stream = BatchStream(dataset, batch_size=4, seed=0, in_memory=in_memory, num_workers=1)
+        next(stream)
+    message = str(error.value)
+    assert message.startswith("cannot read image") and "3_huge.png" in message and "data.skip_bad=true" in message
+    assert "DecompressionBombError" in message
+    assert "\n" not in message and "Traceback" not in message and len(message) < 400, message
+
+
 def test_torchvision_wrapper_crops_resizes_and_labels() -> None:
     base = [(Image.fromarray(_noise(24, 32, i)), i % 3) for i in range(4)]
     labeled = TorchvisionImages(base, resolution=R, classes=["a", "b", "c"])

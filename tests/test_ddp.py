@@ -71,6 +71,13 @@ def test_ranks_hold_identical_networks_after_every_step():
 
 
 @pytest.mark.slow
+def test_compiled_networks_train_on_two_processes():
+    # perf.compile=true under torchrun: DDP over the compiled G and D (a minute of compilation on 2 CPU cores).
+    result = torchrun(str(TESTS / "ddp_worker.py"), "2", "1", "compile", cwd=TESTS)
+    assert "rank 0: ok after 2 steps" in result.stdout and "rank 1: ok after 2 steps" in result.stdout
+
+
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume_on_one(tmp_path):
     # 2 processes x 4 images = 1 process x 2 micro-batches of 4: the same images, latents and BatchNorm batches, so the
     # results agree up to float rounding (different summation order).

@@ -65,6 +65,28 @@ def test_kid_needs_enough_samples():
         compute_metrics(images, images, num_samples=10, reference_cache=None, isc=False, kid=True)
 
 
+def test_inception_runs_without_tf32_and_training_flags_come_back(monkeypatch):
+    """TF32 (on for training) is off while torch-fidelity runs, and restored afterwards."""
+    import torch_fidelity
+
+    seen = {}
+
+    def fake_metrics(**kwargs):
+        seen["flags"] = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        return {"frechet_inception_distance": 1.0}
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", fake_metrics)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as resolve_perf leaves them
+    try:
+        images = ImagesOnly([(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)] * 4)
+        assert compute_metrics(images, images, num_samples=4, reference_cache=None, isc=False) == {"fid": 1.0}
+        assert seen["flags"] == (False, False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_conditional_generator_draws_its_own_labels():
     G = Generator(z_dim=16, ch=4, resolution=32, attn_resolutions=(), num_classes=5).eval()
     wrapped = GeneratorSamples(G, seed=0)

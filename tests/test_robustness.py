@@ -53,6 +53,23 @@ def test_nan_rolls_back_with_a_lower_learning_rate(tiny_cfg, tmp_path, poison_at
     assert state["trainer"]["opt_d"]["param_groups"][0]["lr"] == pytest.approx(4e-4 * 0.5)
 
 
+def test_rollback_factor_and_count_survive_a_resume(tiny_cfg, tmp_path, poison_at):
+    poison_at(step=3)
+    overrides = ["train.ckpt_every=2", "logger.log_every=1", "train.nan_rollbacks=1", "train.nan_lr_factor=0.5"]
+    train(tiny_cfg("train.steps=4", *overrides), tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["rollbacks"] == 1 and state["trainer"]["lr_scale"] == 0.5
+    train(tiny_cfg("train.steps=6", "train.resume=auto", *overrides), tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["trainer"]["step"] == 6 and state["rollbacks"] == 1
+    assert state["trainer"]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 0.5)
+    assert state["trainer"]["opt_d"]["param_groups"][0]["lr"] == pytest.approx(4e-4 * 0.5)
+    # The one rollback allowed is used up: a NaN after the resume stops the run.
+    poison_at(step=7)
+    with pytest.raises(Diverged):
+        train(tiny_cfg("train.steps=8", "train.resume=auto", *overrides), tmp_path)
+
+
 def test_rollbacks_are_bounded(tiny_cfg, tmp_path, poison_at):
     poison_at(step=3, times=5)  # diverges again after every rollback
     with pytest.raises(Diverged):

@@ -7,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import compose_config
+from conftest import TINY, compose_config
 from sagan.checkpoint import load_checkpoint
+from sagan.data import BatchStream, MirrorShapes
 from sagan.models import build_models
 from sagan.train import train
+from sagan.trainer import Trainer
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 
@@ -21,6 +23,27 @@ def test_every_experiment_composes_and_builds(experiment):
     assert cfg.experiment == experiment
     G, D = build_models(cfg.model, num_classes=3 if cfg.model.conditional else 0)
     assert G.resolution == D.resolution == cfg.model.resolution
+
+
+def test_cifar10_recipes_are_the_paper_and_studiogan():
+    paper = compose_config("experiment=cifar10").optim
+    assert (paper.lr_g, paper.lr_d, paper.beta1, paper.beta2, paper.n_dis) == (1e-4, 4e-4, 0.0, 0.9, 1)
+    studio = compose_config("experiment=cifar10_studiogan")
+    o = studio.optim
+    assert (o.lr_g, o.lr_d, o.beta1, o.beta2, o.eps, o.n_dis) == (2e-4, 2e-4, 0.5, 0.999, 1e-6, 5)
+    assert (o.ema_decay, o.ema_bn, studio.model.init, studio.train.batch_size) == (0.0, "copy", "orthogonal", 64)
+
+
+def test_no_ema_recipe_evaluates_g_itself():
+    """ema_decay=0 with ema_bn=copy (the StudioGAN recipe): G_ema is exactly G, running statistics included."""
+    cfg = compose_config(*TINY, "optim.ema_decay=0", "optim.ema_bn=copy", "optim.ema_start=0")
+    G, D = build_models(cfg.model, num_classes=0)
+    trainer = Trainer(G, D, ema_decay=0.0, ema_start=0, ema_bn="copy")
+    stream = BatchStream(MirrorShapes(size=16, resolution=32, labels=False), batch_size=8, seed=0)
+    for _ in range(2):
+        trainer.train_step(stream)
+    G_state, ema_state = trainer.G.state_dict(), trainer.ema_generator().state_dict()
+    assert all(torch.equal(G_state[k], v) for k, v in ema_state.items())
 
 
 @pytest.mark.parametrize("model", ["sagan32", "sagan64", "sagan128", "sagan256"])
@@ -92,6 +115,35 @@ def test_resume_from_path_and_auto_without_checkpoint(tiny_cfg, tmp_path):
     result = train(tiny_cfg("train.steps=3", f"train.resume={tmp_path / 'a' / 'checkpoints' / 'step_0000002.pt'}"), tmp_path / "b")
     assert result["step"] == 3
     assert train(tiny_cfg("train.steps=1", "train.resume=auto"), tmp_path / "c")["step"] == 1
+
+
+def test_resume_obeys_the_current_optimizer_settings(tiny_cfg, tmp_path, caplog):
+    train(tiny_cfg("train.steps=2"), tmp_path)
+    caplog.set_level("INFO", logger="sagan")
+    train(tiny_cfg("train.steps=3", "train.resume=auto", "optim.lr_d=2e-4", "optim.beta2=0.99", "optim.eps=1e-6"), tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["trainer"]
+    d, g = state["opt_d"]["param_groups"][0], state["opt_g"]["param_groups"][0]
+    assert d["lr"] == 2e-4 and g["lr"] == 2e-4  # the demo's lr_g is 2e-4 too
+    assert tuple(d["betas"]) == tuple(g["betas"]) == (0.0, 0.99) and d["eps"] == g["eps"] == 1e-6
+    assert "D lr 0.0004 -> 0.0002" in caplog.text and "G betas (0.0, 0.9) -> (0.0, 0.99)" in caplog.text
+    assert "G lr" not in caplog.text  # unchanged settings are not reported
+
+
+def test_metrics_log_has_no_duplicate_steps_after_a_resume(tiny_cfg, tmp_path):
+    import json
+
+    train(tiny_cfg("train.steps=3", "train.ckpt_every=2"), tmp_path)  # checkpoints at 2 and 3, rows for 0..3
+    # Continue from step 2 (as after a crash between the checkpoint and the end): step 3 is trained and logged again.
+    train(tiny_cfg("train.steps=4", f"train.resume={tmp_path / 'checkpoints' / 'step_0000002.pt'}"), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["step"] for r in rows if "loss/d" in r]
+    assert losses == [1, 2, 3, 4]
+
+
+def test_run_log_names_the_data(tiny_cfg, tmp_path, caplog):
+    caplog.set_level("INFO", logger="sagan")
+    train(tiny_cfg("train.steps=1"), tmp_path)
+    assert "data: demo (generated mirror-symmetric shapes), 64 images, unlabeled, 32 px" in caplog.text
 
 
 def test_resume_with_another_architecture_names_the_difference(tiny_cfg, tmp_path):

@@ -1,6 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
+from sagan.data import to_float
 from sagan.models import Discriminator, Generator
 from sagan.trainer import Trainer
 
@@ -18,21 +20,29 @@ def tiny_trainer(**kw) -> Trainer:
     return Trainer(G, D, **kw)
 
 
-def test_ema_copies_before_start_then_averages_parameters_and_copies_buffers():
-    trainer = tiny_trainer(ema_start=1, ema_decay=0.9)
+def bn_statistic(name: str) -> bool:
+    return name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+@pytest.mark.parametrize("ema_bn", ["copy", "standing"])
+def test_ema_copies_before_start_then_averages_parameters_and_copies_buffers(ema_bn):
+    trainer = tiny_trainer(ema_start=1, ema_decay=0.9, ema_bn=ema_bn)
     stream = batches()
     trainer.train_step(stream)  # step 0 -> 1: before ema_start, G_ema is a copy of G
-    for a, b in zip(trainer.G_ema.state_dict().values(), trainer.G.state_dict().values()):
+    for a, b in zip(trainer.G_ema.parameters(), trainer.G.parameters()):
         assert torch.equal(a, b)
     before = [p.clone() for p in trainer.G_ema.parameters()]
     trainer.train_step(stream)  # averaging from now on
     for old, ema, new in zip(before, trainer.G_ema.parameters(), trainer.G.parameters()):
         torch.testing.assert_close(ema, 0.9 * old + 0.1 * new)
-    # Buffers (BN running stats, spectral-norm u and v) are copied, not averaged.
+    # Spectral-norm u and v are copied, never averaged; BatchNorm statistics are copied only with ema_bn=copy.
     buffers = dict(trainer.G.named_buffers())
     assert any(name.endswith("_u") for name in buffers)
-    for name, value in trainer.G_ema.named_buffers():
-        assert torch.equal(value, buffers[name]), name
+    for name, value in trainer.ema_generator().named_buffers():
+        if bn_statistic(name) and ema_bn == "standing":
+            assert not torch.equal(value, buffers[name]), name
+        else:
+            assert torch.equal(value, buffers[name]), name
 
 
 def test_train_step_updates_both_networks_and_returns_device_losses():
@@ -57,23 +67,6 @@ def test_resume_on_another_device_type_continues_with_a_seeded_stream(caplog):
     assert other.step == 1 and "not bit-identical" in caplog.text
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast runs torch.mv in bf16, CPU autocast does not")
-def test_spectral_norm_stays_fp32_under_bf16_autocast():
-    import copy
-
-    from sagan.models.layers import apply_spectral_norm
-
-    conv = torch.nn.Conv2d(64, 64, 3).cuda()
-    apply_spectral_norm(conv)
-    twin = copy.deepcopy(conv)  # same weight, same u and v
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        inside = conv.weight
-    outside = twin.weight
-    assert inside.dtype == torch.float32
-    assert torch.equal(inside, outside)  # the power iteration did not run in bf16
-    assert torch.equal(conv.parametrizations.weight[0]._u, twin.parametrizations.weight[0]._u)
-
-
 def test_bf16_channels_last_step_keeps_fp32_state():
     trainer = tiny_trainer(precision="bf16", channels_last=True)
     losses = trainer.train_step(batches())
@@ -95,3 +88,95 @@ def test_perf_auto_resolution():
     assert auto == {"precision": "bf16" if native_bf16 else "fp32", "channels_last": native_bf16, "fused_adam": False, "compile": False}
     forced = resolve_perf(OmegaConf.structured(PerfConfig(precision="fp32", fused_adam=True)), torch.device("cpu"))
     assert forced["precision"] == "fp32" and not forced["channels_last"] and forced["fused_adam"]
+
+
+def sn_vectors(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in net.named_buffers() if name.endswith(("_u", "_v"))}
+
+
+def test_g_step_trains_through_a_frozen_discriminator():
+    """The official G step: no gradients on D's parameters, no power iteration in D; G still gets gradients."""
+    trainer = tiny_trainer()
+    trainer.train_step(batches())  # D's Adam state and u/v exist
+    D = trainer.D
+    for p in D.parameters():
+        p.grad = None
+    u_before = sn_vectors(D)
+    g_before = [p.clone() for p in trainer.G.parameters()]
+    trainer.g_step(4)
+    assert all(p.grad is None for p in D.parameters())
+    assert all(p.requires_grad for p in D.parameters())  # unfrozen again for the next D step
+    assert all(torch.equal(u_before[k], v) for k, v in sn_vectors(D).items())
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, trainer.G.parameters()))
+
+
+def test_d_step_runs_exactly_one_power_iteration():
+    """D's u after a D step is one power iteration from the u before it, on the weights before the update."""
+    trainer = tiny_trainer()
+    stream = batches()
+    trainer.train_step(stream)
+    layer = trainer.D.blocks.block1.conv1.parametrizations.weight
+    sn = layer[0]
+    v0, w0 = sn._v.clone(), sn._reshape_weight_to_matrix(layer.original.detach().clone())
+    images, _ = next(stream)
+    trainer.d_step(to_float(images), None)
+
+    def iteration(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # PyTorch's order: u from v, then v from u
+        u = F.normalize(w0 @ v, dim=0, eps=sn.eps)
+        return u, F.normalize(w0.T @ u, dim=0, eps=sn.eps)
+
+    u1, v1 = iteration(v0)
+    torch.testing.assert_close(sn._u, u1)
+    torch.testing.assert_close(sn._v, v1)
+    u2, _ = iteration(v1)
+    assert not torch.allclose(u1, u2, atol=1e-4, rtol=0)  # a second iteration would be visible
+
+
+def test_bf16_autocast_keeps_generator_bf16_and_logits_fp32():
+    torch.manual_seed(0)
+    G = Generator(z_dim=16, ch=4, resolution=32, attn_resolutions=(16,), num_classes=3)
+    D = Discriminator(ch=4, resolution=32, attn_resolutions=(16,), num_classes=3)
+    dtypes = {}
+    for name, block in G.blocks.items():
+        block.register_forward_hook(lambda m, args, out, name=name: dtypes.__setitem__(name, out.dtype))
+    y = torch.tensor([0, 1, 2, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = D(G(torch.randn(4, 16), y), y)
+    assert dtypes and all(d == torch.bfloat16 for d in dtypes.values()), dtypes
+    assert logits.dtype == torch.float32
+
+
+def test_standing_statistics_belong_to_g_ema_and_sampling_is_repeatable():
+    trainer = tiny_trainer(ema_start=0, ema_decay=0.5, ema_bn="standing", ema_bn_batches=4, ema_bn_batch_size=4)
+    stream = batches()
+    for _ in range(3):
+        trainer.train_step(stream)
+    G_ema = trainer.ema_generator()
+    ema_stats = {k: v for k, v in G_ema.named_buffers() if k.endswith("running_mean")}
+    g_stats = dict(trainer.G.named_buffers())
+    assert ema_stats and all(not torch.allclose(v, g_stats[k]) for k, v in ema_stats.items())
+    u_before = sn_vectors(G_ema)
+    z = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    first = G_ema(z)
+    assert torch.equal(trainer.ema_generator()(z), first)  # same step: not recomputed, same images
+    assert all(torch.equal(u_before[k], v) for k, v in sn_vectors(G_ema).items())  # no power iteration
+    # The statistics are a function of G_ema's weights: recomputed from scratch they are the same.
+    trainer._ema_stats_step = -1
+    assert torch.equal(trainer.ema_generator()(z), first)
+    state = trainer.state_dict()["G_ema"]
+    assert all(torch.equal(state[k], v) for k, v in ema_stats.items())  # checkpoints keep them
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_like_the_eager_one():
+    """perf.compile=true on the CPU: two steps (about a minute of compilation) that agree with eager PyTorch up to
+    the rounding of fused kernels."""
+    eager, compiled = tiny_trainer(), tiny_trainer(compile=True)
+    for trainer in (eager, compiled):
+        stream = batches()
+        trainer.losses = [trainer.train_step(stream) for _ in range(2)]
+    for a, b in zip(eager.losses, compiled.losses):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    for a, b in zip(eager.D.parameters(), compiled.D.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -18,7 +18,14 @@ __all__ = ["Discriminator", "Generator", "SelfAttention2d", "attention_gammas", 
 def build_models(model: Any, num_classes: int) -> tuple[Generator, Discriminator]:
     """G and D from a model config (conf/model/*.yaml, or the `model` record of a checkpoint)."""
     common = dict(resolution=model.resolution, num_classes=num_classes, attn_pool=model.attn_pool, init=model.init)
-    G = Generator(z_dim=model.z_dim, ch=model.g_ch, attn_resolutions=tuple(model.g_attn), sn=model.g_sn, **common)
+    G = Generator(
+        z_dim=model.z_dim,
+        ch=model.g_ch,
+        attn_resolutions=tuple(model.g_attn),
+        sn=model.g_sn,
+        bn_momentum=model.bn_momentum,
+        **common,
+    )
     D = Discriminator(ch=model.d_ch, attn_resolutions=tuple(model.d_attn), sn=model.d_sn, **common)
     return G, D
 

@@ -97,8 +97,11 @@ class Discriminator(nn.Module):
         h = x
         for block in self.blocks.values():
             h = block(h)
-        h = F.relu(h).sum(dim=(2, 3))  # global sum pooling: (B, C, H, W) -> (B, C)
-        out = self.linear(h).squeeze(1)
+        # The head runs in fp32 also under autocast: global sum pooling over up to 64x64 positions, then the logit.
+        # The linear layer (one output) is written as a product and a sum, which autocast leaves in fp32, where
+        # F.linear would round the logits to bf16 (3 significant digits).
+        h = F.relu(h).float().sum(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+        out = (h * self.linear.weight[0]).sum(dim=1) + self.linear.bias[0]
         if self.embed is not None:
             out = out + (self.embed(y) * h).sum(dim=1)
         return out

@@ -32,11 +32,11 @@ def check_attn_resolutions(attn_resolutions: Sequence[int], available: Sequence[
 class GBlock(nn.Module):
     """Residual up-block: BN-ReLU-up-conv3x3-BN-ReLU-conv3x3, with an up-sampled 1x1-conv shortcut."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_classes: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, num_classes: int, *, bn_momentum: float = 0.1) -> None:
         super().__init__()
-        self.bn1 = GeneratorBatchNorm2d(in_ch, num_classes)
+        self.bn1 = GeneratorBatchNorm2d(in_ch, num_classes, momentum=bn_momentum)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.bn2 = GeneratorBatchNorm2d(out_ch, num_classes)
+        self.bn2 = GeneratorBatchNorm2d(out_ch, num_classes, momentum=bn_momentum)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1)
 
@@ -52,6 +52,9 @@ class Generator(nn.Module):
 
     SN-linear to a 4x4 map, one residual up-block per doubling, self-attention after the block that produces each of
     `attn_resolutions`, then BN-ReLU-conv3x3-tanh. `sn=False` runs the paper's "no SN on G" ablation.
+
+    `bn_momentum` is PyTorch's BatchNorm momentum for the running statistics (0.1, PyTorch's and BigGAN's default);
+    the official TF code decays them much more slowly (momentum 0.001 in the conditional BNs, 0.0001 in the last BN).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class Generator(nn.Module):
         attn_pool: int = 2,
         sn: bool = True,
         init: str = "xavier",
+        bn_momentum: float = 0.1,
     ) -> None:
         super().__init__()
         if resolution not in WIDTHS:
@@ -77,11 +81,11 @@ class Generator(nn.Module):
         self.linear = nn.Linear(z_dim, widths[0] * 4 * 4)
         self.blocks = nn.ModuleDict()
         for i, (in_ch, out_ch, size) in enumerate(zip(widths[:-1], widths[1:], sizes)):
-            self.blocks[f"block{i}"] = GBlock(in_ch, out_ch, num_classes)
+            self.blocks[f"block{i}"] = GBlock(in_ch, out_ch, num_classes, bn_momentum=bn_momentum)
             if size in attn_resolutions:
                 self.blocks[f"attn{size}"] = SelfAttention2d(out_ch, pool=attn_pool, sn=False)
         # The official code ends with an unconditional BN, also in the class-conditional generator.
-        self.out_bn = nn.BatchNorm2d(widths[-1])
+        self.out_bn = nn.BatchNorm2d(widths[-1], momentum=bn_momentum)
         self.out_conv = nn.Conv2d(widths[-1], 3, 3, padding=1)
 
         init_weights(self, init)

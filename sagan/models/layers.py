@@ -98,9 +98,9 @@ class GeneratorBatchNorm2d(nn.Module):
     bias, when `num_classes > 0`; otherwise ordinary affine BatchNorm and `y` is ignored.
     """
 
-    def __init__(self, channels: int, num_classes: int) -> None:
+    def __init__(self, channels: int, num_classes: int, *, momentum: float = 0.1) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=num_classes == 0)
+        self.bn = nn.BatchNorm2d(channels, affine=num_classes == 0, momentum=momentum)
         if num_classes > 0:
             self.gain = nn.Parameter(torch.ones(num_classes, channels))
             self.bias = nn.Parameter(torch.zeros(num_classes, channels))
@@ -108,8 +108,11 @@ class GeneratorBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.bn.affine:
             return self.bn(x)
-        # (B, C, H, W), y (B,) -> per-sample (B, C, 1, 1) affine
-        return self.bn(x) * self.gain[y][:, :, None, None] + self.bias[y][:, :, None, None]
+        h = self.bn(x)
+        # (B, C, H, W), y (B,) -> per-sample (B, C, 1, 1) affine, in the activation dtype: fp32 gains would promote a
+        # bf16 generator to fp32 from here on under autocast.
+        gain, bias = self.gain[y].to(h.dtype), self.bias[y].to(h.dtype)
+        return h * gain[:, :, None, None] + bias[:, :, None, None]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -159,12 +162,22 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
 def use_sync_batchnorm(module: nn.Module) -> None:
     """Replace every BatchNorm2d inside `module` by a SyncBatchNorm2d with the same state."""
+    _replace_batchnorm(module, nn.BatchNorm2d, SyncBatchNorm2d)
+
+
+def use_plain_batchnorm(module: nn.Module) -> None:
+    """Replace every SyncBatchNorm2d inside `module` by a BatchNorm2d with the same state."""
+    _replace_batchnorm(module, SyncBatchNorm2d, nn.BatchNorm2d)
+
+
+def _replace_batchnorm(module: nn.Module, old: type, new: type) -> None:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.BatchNorm2d:
-                sync = SyncBatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum, affine=child.affine)
-                sync.load_state_dict(child.state_dict())
-                setattr(parent, name, sync.to(child.running_mean.device))
+            if type(child) is old:
+                twin = new(child.num_features, eps=child.eps, momentum=child.momentum, affine=child.affine)
+                twin.load_state_dict(child.state_dict())
+                twin.requires_grad_(any(p.requires_grad for p in child.parameters()))
+                setattr(parent, name, twin.to(child.running_mean.device).train(child.training))
 
 
 def check_labels(y: torch.Tensor | None, batch: int, num_classes: int) -> None:

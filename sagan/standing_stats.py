@@ -1,0 +1,41 @@
+"""BatchNorm statistics that belong to a generator's own weights ("standing statistics", BigGAN's term).
+
+G_ema's weights are an average over thousands of steps; G's running statistics describe G's current weights, not
+that average. Standing statistics are re-estimated by running G_ema itself in train mode over a number of latent
+batches and taking the plain average of the batch statistics, then frozen (eval mode) for sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sagan.models.layers import power_iteration_paused
+
+
+@torch.no_grad()
+def standing_statistics(G: nn.Module, *, batches: int, batch_size: int, seed: int) -> None:
+    """Replace the running mean and variance of every BatchNorm in G by their average over `batches` batches of
+    `batch_size` seeded latents (and uniform labels), leaving G in eval mode.
+
+    A pure function of G's weights and the arguments: the latents come from their own generator (no global RNG is
+    touched), and the spectral-norm vectors and the weights are left as they are.
+    """
+    norms = [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch counts the same
+    device = next(G.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    G.train()
+    try:
+        with power_iteration_paused(G):
+            for _ in range(batches):
+                z = torch.randn(batch_size, G.z_dim, generator=generator)
+                y = torch.randint(G.num_classes, (batch_size,), generator=generator) if G.num_classes else None
+                G(z.to(device), None if y is None else y.to(device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        G.eval()

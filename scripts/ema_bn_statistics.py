@@ -1,0 +1,77 @@
+"""G_ema with G's running BatchNorm statistics ("copy") vs standing statistics of its own, on the same checkpoint.
+
+    python scripts/ema_bn_statistics.py CKPT [CKPT ...] [--n 500] [--weights PATH]
+
+For each checkpoint of a demo run: FID (n generated vs n demo images, the protocol of the README's quick start) and
+mirror consistency of n samples, for G_ema with the running statistics of the checkpoint's G and for G_ema with
+standing statistics (the run's optim.ema_bn_batches batches of its training batch size). One checkpoint holds both:
+G_ema's weights do not depend on where its statistics come from. Prints a table, then mean and std over checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+
+import torch
+from torch.utils.data import TensorDataset
+
+from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
+from sagan.data import MirrorShapes, mirror_consistency
+from sagan.metrics import ImagesOnly, compute_metrics
+from sagan.sample import draw
+from sagan.standing_stats import standing_statistics
+
+
+def variants(state: dict) -> dict[str, torch.nn.Module]:
+    G_ema, _ = networks_from_checkpoint(state, ema=True, device=torch.device("cpu"))
+    G, _ = networks_from_checkpoint(state, ema=False, device=torch.device("cpu"))
+    copied = copy.deepcopy(G_ema)
+    G_buffers = dict(G.named_buffers())
+    for name, buffer in copied.named_buffers():
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            buffer.copy_(G_buffers[name])
+    standing = copy.deepcopy(G_ema)
+    config = state["config"]
+    batch = config["train"]["batch_size"] // config["train"].get("grad_accum", 1)
+    standing_statistics(standing, batches=config["optim"].get("ema_bn_batches", 16), batch_size=batch, seed=config["train"]["seed"])
+    return {"copy": copied.eval(), "standing": standing}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpts", nargs="+")
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--weights", default=None, help="local FID Inception weights (offline)")
+    args = parser.parse_args()
+    reference = ImagesOnly(MirrorShapes(size=10_000, resolution=32, seed=0, labels=False), limit=args.n, seed=0)
+    results: dict[str, list[tuple[float, float]]] = {"copy": [], "standing": []}
+    print(f"{'checkpoint':<60} {'statistics':<9} {'FID':>8} {'mirror':>7}")
+    with tempfile.TemporaryDirectory() as cache:
+        for path in args.ckpts:
+            state = load_checkpoint(path)
+            for name, G in variants(state).items():
+                images, _ = draw(G, args.n, seed=0, choice=None, truncation=None, batch=250)
+                fid = compute_metrics(
+                    ImagesOnly(TensorDataset(images)),
+                    reference,
+                    num_samples=args.n,
+                    reference_cache="demo-reference",
+                    isc=False,
+                    weights=args.weights,
+                    cache_root=cache,
+                )["fid"]
+                mirror = mirror_consistency(images)
+                results[name].append((fid, mirror))
+                print(f"{path:<60} {name:<9} {fid:>8.2f} {mirror:>7.3f}", flush=True)
+    for name, rows in results.items():
+        fids, mirrors = [r[0] for r in rows], [r[1] for r in rows]
+        spread = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+        print(f"{name:<9} FID {statistics.mean(fids):.2f} ± {spread(fids):.2f}, mirror {statistics.mean(mirrors):.3f} ± "
+              f"{spread(mirrors):.3f} over {len(rows)} checkpoint(s)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

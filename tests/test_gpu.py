@@ -1,0 +1,104 @@
+"""The GPU tier: `pytest -m gpu` on a machine with CUDA (skipped, with the reason, without one).
+
+What only a GPU exercises: bf16 steps of the real presets on SDPA's fused kernels, spectral norm under CUDA autocast,
+fused Adam across a resume, torch.compile, and data kept on the GPU.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import compose_config
+from sagan.data import BatchStream, MirrorShapes
+from sagan.models import SelfAttention2d, build_models
+from sagan.models.layers import apply_spectral_norm
+from sagan.trainer import Trainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def trainer_for(preset: str, **kw) -> Trainer:
+    torch.manual_seed(0)
+    model = compose_config(f"model={preset}").model
+    G, D = build_models(model, num_classes=10)
+    return Trainer(G, D, device="cuda", **{"precision": "bf16", "channels_last": True, "fused_adam": True, **kw})
+
+
+def real_batches(resolution: int, batch: int):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    while True:
+        images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8, device="cuda", generator=generator)
+        yield images, torch.randint(10, (batch,), device="cuda", generator=generator)
+
+
+@pytest.mark.parametrize("preset", ["sagan32", "sagan64", "sagan128", "sagan256"])
+def test_bf16_step_of_every_preset_runs_on_fused_attention_kernels(preset):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    trainer = trainer_for(preset)
+    resolution = trainer.G.resolution
+    # With the math backend excluded SDPA raises instead of silently materialising the attention matrix.
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        losses = trainer.train_step(real_batches(resolution, 8))
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())
+    assert trainer.step == 1
+
+
+def test_spectral_norm_stays_fp32_under_cuda_autocast():
+    conv = torch.nn.Conv2d(64, 64, 3).cuda()
+    apply_spectral_norm(conv)
+    twin = copy.deepcopy(conv)  # same weight, same u and v
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        inside = conv.weight
+    outside = twin.weight
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, outside)  # the power iteration did not run in bf16 (CUDA autocast would run torch.mv in bf16)
+    assert torch.equal(conv.parametrizations.weight[0]._u, twin.parametrizations.weight[0]._u)
+
+
+def test_attention_backward_runs_on_the_memory_efficient_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    block = SelfAttention2d(64).cuda()
+    x = torch.randn(2, 64, 32, 32, device="cuda", requires_grad=True)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        block(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("fused_before, fused_after", [(True, False), (False, True)])
+def test_resume_switches_fused_adam_either_way(fused_before, fused_after):
+    before = trainer_for("sagan32", fused_adam=fused_before)
+    batches = real_batches(32, 8)
+    before.train_step(batches)
+    state = before.state_dict()
+    after = trainer_for("sagan32", fused_adam=fused_after)
+    after.load_state_dict(state)
+    assert all(bool(g["fused"]) == fused_after for g in after.opt_g.param_groups + after.opt_d.param_groups)
+    after.train_step(batches)  # fused Adam needs its step counters on the GPU: a failed load would raise here
+    assert after.step == 2
+
+
+def test_compiled_step():
+    trainer = trainer_for("sagan32", compile=True)
+    batches = real_batches(32, 8)
+    for _ in range(2):
+        losses = trainer.train_step(batches)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_gpu_resident_data_feeds_the_step():
+    dataset = MirrorShapes(size=64, resolution=32, seed=0, labels=True)
+    stream = BatchStream(dataset, batch_size=8, seed=0, device="cuda", in_memory=True, hflip=True)
+    images, labels = next(stream)
+    assert images.is_cuda and labels.is_cuda and images.dtype == torch.uint8
+    torch.manual_seed(0)
+    model = compose_config("model=sagan32", "model.g_ch=8", "model.d_ch=8").model
+    G, D = build_models(model, num_classes=dataset.num_classes)
+    trainer = Trainer(G, D, device="cuda", precision="bf16", channels_last=True, fused_adam=True)
+    trainer.train_step(stream)
+    assert trainer.step == 1
