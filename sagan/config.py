@@ -162,6 +162,7 @@ def check_config(cfg: Any, world_size: int = 1) -> None:
         (cfg.optim.lr_g > 0 and cfg.optim.lr_d > 0, f"learning rates must be > 0, got lr_g={cfg.optim.lr_g} lr_d={cfg.optim.lr_d}"),
         (0 <= cfg.optim.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}"),
         (cfg.optim.n_dis >= 1, f"optim.n_dis must be >= 1, got {cfg.optim.n_dis}"),
+        (cfg.optim.ema_bn in ("standing", "copy"), f"unknown optim.ema_bn '{cfg.optim.ema_bn}': choose standing or copy"),
         (cfg.optim.ema_bn_batches >= 1, f"optim.ema_bn_batches must be >= 1, got {cfg.optim.ema_bn_batches}"),
         (cfg.optim.eps > 0, f"optim.eps must be > 0, got {cfg.optim.eps}"),
         (0 <= cfg.model.bn_momentum <= 1, f"model.bn_momentum must be in [0, 1], got {cfg.model.bn_momentum}"),

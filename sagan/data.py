@@ -85,23 +85,22 @@ def describe_dataset(dataset: Dataset, name: str) -> str:
     return f"{source}, {len(dataset):,} images, " + (f"{len(classes)} classes ({shown})" if classes else "unlabeled")
 
 
-def worker_error(error: Exception) -> Exception:
-    """An error raised by a dataset inside a DataLoader worker, as the dataset raised it.
+def reraise_worker_error(error: Exception) -> None:
+    """Raise an error that a dataset raised inside a DataLoader worker as the dataset raised it; others unchanged.
 
     The DataLoader re-raises it in the main process as the same type, but with the worker's whole traceback as its
     message; the original message is the traceback's last line, after the type's name.
     """
     text = str(error)
-    if "Original Traceback" not in text:
-        return error
-    last = text.strip().splitlines()[-1]
+    last = text.strip().splitlines()[-1] if "Original Traceback" in text else ""
     kind, _, message = last.partition(": ")
-    if not message or kind.rsplit(".", 1)[-1] != type(error).__name__:
-        return error
-    try:
-        return type(error)(message)
-    except TypeError:  # an exception type that takes other arguments: keep the wrapped one
-        return error
+    if message and kind.rsplit(".", 1)[-1] == type(error).__name__:
+        try:
+            unwrapped = type(error)(message)
+        except TypeError:  # an exception type that takes other arguments: keep the wrapped one
+            raise error
+        raise unwrapped from None
+    raise error
 
 
 def build_dataset(
@@ -567,7 +566,7 @@ class BatchStream:
             try:
                 images, labels = next(self._iterator)
             except Exception as error:
-                raise worker_error(error) from None
+                reraise_worker_error(error)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
         if flips is not None:
@@ -607,5 +606,5 @@ def _decode_all(dataset: Dataset, *, num_workers: int, generator: torch.Generato
             labels[start : start + len(x)] = y
             start += len(x)
     except Exception as error:
-        raise worker_error(error) from None
+        reraise_worker_error(error)
     return images, labels

@@ -39,3 +39,8 @@ def standing_statistics(G: nn.Module, *, batches: int, batch_size: int, seed: in
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         G.eval()
+
+
+def is_bn_statistic(buffer_name: str) -> bool:
+    """Whether a buffer (by its name in a state dict) is a BatchNorm running statistic."""
+    return buffer_name.endswith(("running_mean", "running_var", "num_batches_tracked"))

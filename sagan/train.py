@@ -213,6 +213,8 @@ class Run:
         """Continue from a checkpoint (written by any number of ranks: the global batch and position are kept)."""
         state = load_checkpoint(path)
         check_same_model(state["model"], self.model, path)
+        if "lr_scale" not in state["trainer"]:  # written before the factor was kept: the learning rate tells it
+            state["trainer"]["lr_scale"] = state["trainer"]["opt_d"]["param_groups"][0]["lr"] / state["config"]["optim"]["lr_d"]
         self.trainer.load_state_dict(state["trainer"])
         self.stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])  # rank 0's
@@ -261,9 +263,10 @@ class Run:
                 f"{problem}, seen at step {self.trainer.step}: stopped without writing a checkpoint; the last good one "
                 f"is {good or 'none'}. Lower optim.lr_g / optim.lr_d, or set train.nan_rollbacks=N to roll back"
             )
+        scale = self.trainer.lr_scale  # several rollbacks to the same checkpoint compound
         self.restore(good)
         self.rollbacks = rollbacks + 1
-        self.trainer.scale_lr(cfg.train.nan_lr_factor)
+        self.trainer.set_lr_scale(scale * cfg.train.nan_lr_factor)
         if self.logger is not None:
             self.logger.drop_after(self.trainer.step)
         log.warning(

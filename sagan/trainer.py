@@ -17,7 +17,7 @@ from sagan.data import to_float
 from sagan.dist import SINGLE, World, broadcast_buffers
 from sagan.losses import get_losses
 from sagan.models.layers import power_iteration_paused, use_plain_batchnorm
-from sagan.standing_stats import standing_statistics
+from sagan.standing_stats import is_bn_statistic, standing_statistics
 
 log = logging.getLogger("sagan")
 
@@ -72,10 +72,11 @@ class Trainer:
         # The optimizer settings come from the arguments, also on resume (`load_state_dict` keeps only the moments);
         # `lr_scale` is what NaN rollbacks have multiplied the learning rates by so far.
         self.lr = {"G": lr_g, "D": lr_d}
-        self.adam = {"betas": tuple(betas), "eps": eps, "fused": fused_adam}
+        # fused=None, not False, without fused Adam: torch then picks its multi-tensor (foreach) implementation.
+        self.adam = {"betas": tuple(betas), "eps": eps, "fused": fused_adam or None}
         self.lr_scale = 1.0
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas, eps=eps, fused=fused_adam)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas, eps=eps, fused=fused_adam)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=lr_g, **self.adam)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=lr_d, **self.adam)
         # bf16 autocast for the G and D forwards; weights, optimizer, spectral norm and losses stay fp32.
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         # Views of the same modules (same parameters) that the step runs through; checkpoints use G and D.
@@ -99,9 +100,7 @@ class Trainer:
         # re-estimates them from G_ema itself (`ema_generator`), so the EMA update copies only the other buffers.
         self.ema_bn, self.ema_bn_batches, self.ema_bn_batch_size = ema_bn, ema_bn_batches, ema_bn_batch_size
         self._ema_buffers = [
-            (name, buffer)
-            for name, buffer in self.G_ema.named_buffers()
-            if ema_bn == "copy" or not name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+            (name, buffer) for name, buffer in self.G_ema.named_buffers() if ema_bn == "copy" or not is_bn_statistic(name)
         ]
         self._ema_stats_step = -1  # the step whose weights G_ema's standing statistics belong to
         # Latents and fake labels come from their own generator, saved in checkpoints, so resume is exact. Every rank
@@ -241,12 +240,12 @@ class Trainer:
                 bad.append(f"{name} parameters (at step {self.step})")
         return f"non-finite {', '.join(bad)}" if bad else None
 
-    def scale_lr(self, factor: float) -> None:
-        """Multiply both learning rates by `factor` (a NaN rollback), for the rest of the run and after resumes."""
-        self.lr_scale *= factor
-        for opt in (self.opt_g, self.opt_d):
+    def set_lr_scale(self, scale: float) -> None:
+        """Train from now on with both learning rates times `scale` (NaN rollbacks lower it); kept in checkpoints."""
+        self.lr_scale = scale
+        for name, opt in (("G", self.opt_g), ("D", self.opt_d)):
             for group in opt.param_groups:
-                group["lr"] *= factor
+                group["lr"] = self.lr[name] * scale  # the expression a resume computes: bit-identical learning rates
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -289,9 +288,10 @@ class Trainer:
         changed, groups = [], []
         for group in saved["param_groups"]:
             for key, value in current.items():
-                before = bool(group.get(key)) if key == "fused" else group.get(key)
-                before = tuple(before) if key == "betas" else before
-                if before != value:
+                before = group.get(key)
+                if key == "betas":
+                    before = tuple(before)
+                if (bool(before) != bool(value)) if key == "fused" else (before != value):
                     changed.append(f"{name} {key} {before} -> {value}")
             groups.append({**group, **current})
         # Loaded with the current settings, so that fused Adam finds its step counters where it needs them.

@@ -3,8 +3,8 @@
     python scripts/ema_bn_statistics.py CKPT [CKPT ...] [--n 500] [--weights PATH]
 
 For each checkpoint of a demo run: FID (n generated vs n demo images, the protocol of the README's quick start) and
-mirror consistency of n samples, for G_ema with the running statistics of the checkpoint's G and for G_ema with
-standing statistics (the run's optim.ema_bn_batches batches of its training batch size). One checkpoint holds both:
+mirror consistency of n samples, for G_ema with the running statistics of the checkpoint's G and for G_ema with the
+standing statistics the checkpoint holds (a run with optim.ema_bn=standing, the default). One checkpoint holds both:
 G_ema's weights do not depend on where its statistics come from. Prints a table, then mean and std over checkpoints.
 """
 
@@ -22,21 +22,17 @@ from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
 from sagan.data import MirrorShapes, mirror_consistency
 from sagan.metrics import ImagesOnly, compute_metrics
 from sagan.sample import draw
-from sagan.standing_stats import standing_statistics
+from sagan.standing_stats import is_bn_statistic
 
 
 def variants(state: dict) -> dict[str, torch.nn.Module]:
-    G_ema, _ = networks_from_checkpoint(state, ema=True, device=torch.device("cpu"))
-    G, _ = networks_from_checkpoint(state, ema=False, device=torch.device("cpu"))
-    copied = copy.deepcopy(G_ema)
-    G_buffers = dict(G.named_buffers())
+    """G_ema as the checkpoint holds it (standing statistics), and with the running statistics of the checkpoint's G."""
+    standing, _ = networks_from_checkpoint(state, ema=True, device=torch.device("cpu"))
+    copied = copy.deepcopy(standing)
+    G_state = state["trainer"]["G"]
     for name, buffer in copied.named_buffers():
-        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
-            buffer.copy_(G_buffers[name])
-    standing = copy.deepcopy(G_ema)
-    config = state["config"]
-    batch = config["train"]["batch_size"] // config["train"].get("grad_accum", 1)
-    standing_statistics(standing, batches=config["optim"].get("ema_bn_batches", 16), batch_size=batch, seed=config["train"]["seed"])
+        if is_bn_statistic(name):
+            buffer.copy_(G_state[name])
     return {"copy": copied.eval(), "standing": standing}
 
 

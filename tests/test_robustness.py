@@ -45,12 +45,13 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path
 
 
 def test_nan_rolls_back_with_a_lower_learning_rate(tiny_cfg, tmp_path, poison_at):
-    poison_at(step=3)
+    poison_at(step=3, times=2)  # diverges again after the first rollback, before a new checkpoint: the factors compound
     overrides = ["train.steps=6", "train.ckpt_every=2", "logger.log_every=1", "train.nan_rollbacks=2", "train.nan_lr_factor=0.5"]
     assert train(tiny_cfg(*overrides), tmp_path)["step"] == 6
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert state["trainer"]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 0.5)
-    assert state["trainer"]["opt_d"]["param_groups"][0]["lr"] == pytest.approx(4e-4 * 0.5)
+    assert state["rollbacks"] == 2 and state["trainer"]["lr_scale"] == 0.25
+    assert state["trainer"]["opt_g"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 0.25)
+    assert state["trainer"]["opt_d"]["param_groups"][0]["lr"] == pytest.approx(4e-4 * 0.25)
 
 
 def test_rollback_factor_and_count_survive_a_resume(tiny_cfg, tmp_path, poison_at):

@@ -132,18 +132,31 @@ def test_d_step_runs_exactly_one_power_iteration():
     assert not torch.allclose(u1, u2, atol=1e-4, rtol=0)  # a second iteration would be visible
 
 
-def test_bf16_autocast_keeps_generator_bf16_and_logits_fp32():
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_bf16_autocast_keeps_generator_bf16_and_logits_fp32(num_classes):
+    """Under autocast, G's BatchNorms (conditional ones too) stay in bf16, and D's head computes the logits in fp32:
+    they equal an fp32 recomputation of the head from the features it received."""
+    from sagan.models.layers import GeneratorBatchNorm2d
+
     torch.manual_seed(0)
-    G = Generator(z_dim=16, ch=4, resolution=32, attn_resolutions=(16,), num_classes=3)
-    D = Discriminator(ch=4, resolution=32, attn_resolutions=(16,), num_classes=3)
-    dtypes = {}
-    for name, block in G.blocks.items():
-        block.register_forward_hook(lambda m, args, out, name=name: dtypes.__setitem__(name, out.dtype))
-    y = torch.tensor([0, 1, 2, 1])
+    G = Generator(z_dim=16, ch=4, resolution=32, attn_resolutions=(16,), num_classes=num_classes)
+    D = Discriminator(ch=4, resolution=32, attn_resolutions=(16,), num_classes=num_classes)
+    dtypes, features = [], {}
+    for m in G.modules():
+        if isinstance(m, (GeneratorBatchNorm2d, torch.nn.BatchNorm2d)):
+            m.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    last = list(D.blocks.values())[-1]
+    last.register_forward_hook(lambda m, args, out: features.__setitem__("h", out))
+    y = torch.tensor([0, 1, 2, 1]) if num_classes else None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = D(G(torch.randn(4, 16), y), y)
-    assert dtypes and all(d == torch.bfloat16 for d in dtypes.values()), dtypes
+    assert dtypes and all(d == torch.bfloat16 for d in dtypes), dtypes
     assert logits.dtype == torch.float32
+    h = F.relu(features["h"].float()).sum(dim=(2, 3))
+    expected = h @ D.linear.weight[0] + D.linear.bias[0]
+    if num_classes:
+        expected = expected + (D.embed(y) * h).sum(dim=1)
+    torch.testing.assert_close(logits, expected.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_standing_statistics_belong_to_g_ema_and_sampling_is_repeatable():
@@ -163,20 +176,10 @@ def test_standing_statistics_belong_to_g_ema_and_sampling_is_repeatable():
     # The statistics are a function of G_ema's weights: recomputed from scratch they are the same.
     trainer._ema_stats_step = -1
     assert torch.equal(trainer.ema_generator()(z), first)
-    state = trainer.state_dict()["G_ema"]
-    assert all(torch.equal(state[k], v) for k, v in ema_stats.items())  # checkpoints keep them
+    # Checkpoints keep them: a trainer loaded from the state draws the same images without recomputing them.
+    other = tiny_trainer(ema_bn="standing", ema_bn_batches=4, ema_bn_batch_size=4)
+    other.load_state_dict(trainer.state_dict())
+    assert all(torch.equal(other.G_ema.get_buffer(k), v) for k, v in ema_stats.items())
+    assert torch.equal(other.ema_generator()(z), first)
 
 
-@pytest.mark.slow
-def test_compiled_step_trains_like_the_eager_one():
-    """perf.compile=true on the CPU: two steps (about a minute of compilation) that agree with eager PyTorch up to
-    the rounding of fused kernels."""
-    eager, compiled = tiny_trainer(), tiny_trainer(compile=True)
-    for trainer in (eager, compiled):
-        stream = batches()
-        trainer.losses = [trainer.train_step(stream) for _ in range(2)]
-    for a, b in zip(eager.losses, compiled.losses):
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
-    for a, b in zip(eager.D.parameters(), compiled.D.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
