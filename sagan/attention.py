@@ -1,7 +1,9 @@
-"""`sagan-attention ckpt=PATH [n=8] [query=[[0.3,0.25],[0.3,0.75]]] [out=DIR] [seed=0] [ema=true]`
+"""`sagan-attention`: attention maps of every attention layer of a checkpoint, as PNG files (one per layer): G on its
+own samples, D on the same samples.
 
-Attention maps of every attention layer of a checkpoint, as PNG files (one per layer): G on its own samples, D on
-the same samples.
+    sagan-attention ckpt=outputs/run/checkpoints/last.pt                      # -> outputs/run/attention/G_attn16.png ...
+    sagan-attention ckpt=outputs/run/checkpoints/last.pt n=8 out=maps seed=3
+    sagan-attention ckpt=outputs/run/checkpoints/last.pt query=[[0.5,0.2],[16,28]]   # below 1 a fraction, else a pixel
 """
 
 from __future__ import annotations
@@ -11,24 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from omegaconf import MISSING
 
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
 from sagan.cli import parse_args, run_cli
+from sagan.config import arg
 from sagan.dist import resolve_device
+from sagan.sampling import latents
 from sagan.visualize import DEFAULT_QUERIES, generate, render_attention, to_pixels
 
 
 @dataclass
 class AttentionArgs:
-    ckpt: str = MISSING  # a checkpoint written by sagan-train
-    n: int = 8  # images (rows per figure)
-    query: Optional[list[list[float]]] = None  # (row, col): < 1 a fraction of the image, >= 1 a pixel
-    out: Optional[str] = None  # default: attention/ beside the checkpoint's checkpoints/ folder
-    seed: int = 0
-    ema: bool = True  # the EMA generator (false: the raw G)
-    device: str = "auto"
+    ckpt: str = arg(MISSING, "a checkpoint written by sagan-train")
+    n: int = arg(8, "images (rows per figure)")
+    query: Optional[list[list[float]]] = arg(None, "query points (row, col): below 1 a fraction of the image, else a pixel")
+    out: Optional[str] = arg(None, "output folder; default attention/ beside the checkpoint's checkpoints/ folder")
+    seed: int = arg(0, "seed of the samples")
+    ema: bool = arg(True, "G_ema (false: the raw G)")
+    device: str = arg("auto", "auto (GPU when there is one), cpu, cuda, cuda:N")
 
 
 def render_checkpoint(args: Any) -> list[Path]:
@@ -37,9 +40,8 @@ def render_checkpoint(args: Any) -> list[Path]:
     G, D = networks_from_checkpoint(state, ema=args.ema, device=device)
     out = Path(args.out) if args.out else Path(args.ckpt).expanduser().resolve().parent.parent / "attention"
     out.mkdir(parents=True, exist_ok=True)
-    rng = torch.Generator().manual_seed(args.seed)
-    z = torch.randn(args.n, G.z_dim, generator=rng).to(device)
-    y = (torch.arange(args.n) % G.num_classes).to(device) if G.num_classes else None
+    z, y = latents(args.n, G, seed=args.seed)  # the first n images `sagan-sample seed=...` draws
+    z, y = z.to(device), None if y is None else y.to(device)
     images = generate(G, z, y)
     queries = to_pixels(args.query or DEFAULT_QUERIES, G.resolution)
     figures = render_attention(G, lambda: G(z, y), images, queries, "G")
@@ -55,7 +57,7 @@ def render_checkpoint(args: Any) -> list[Path]:
 
 
 def main() -> None:
-    run_cli(lambda: render_checkpoint(parse_args(AttentionArgs, sys.argv[1:])))
+    run_cli(lambda: render_checkpoint(parse_args(AttentionArgs, sys.argv[1:], doc=__doc__)))
 
 
 if __name__ == "__main__":

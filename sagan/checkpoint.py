@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import re
 import zipfile
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from sagan.atomic_files import atomic_write
 from sagan.config import ModelConfig
 from sagan.models import Discriminator, Generator, build_models
 
@@ -23,28 +23,6 @@ _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, unsafe, corrupt or from another architecture."""
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash at any moment leaves either the old file or the new one, whole.
-
-    A temporary file in the same directory is written and fsync'ed, then renamed over `path` (os.replace is atomic
-    within a filesystem), then the directory entry is fsync'ed.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int, best: bool = False) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -9,7 +11,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
 from sagan.trainer import Diverged
@@ -32,9 +34,35 @@ def one_line(error: BaseException) -> str:
     return " ".join(keep) or type(error).__name__
 
 
-def parse_args(schema: type, argv: Sequence[str]) -> Any:
-    """key=value arguments checked against a dataclass: unknown keys and wrong types fail with one line."""
+def parse_args(schema: type, argv: Sequence[str], doc: str = "") -> Any:
+    """key=value arguments checked against a dataclass: unknown keys and wrong types fail with one line. `--help`
+    (or `-h`) prints `doc` and every key with its default and meaning, and exits."""
+    if any(a in ("--help", "-h") for a in argv):
+        print(usage(schema, doc))
+        sys.exit(0)
     return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(list(argv)))
+
+
+def usage(schema: type, doc: str) -> str:
+    """The command's docstring, then its keys (nested ones as group.key) with defaults and one-line meanings."""
+    rows = []
+
+    def collect(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            nested = f.default_factory if f.default is dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory) else None
+            if nested is not None:
+                collect(nested, f"{prefix}{f.name}.")
+                continue
+            default = "(required)" if f.default is MISSING else f.default
+            if f.default is dataclasses.MISSING:
+                default = f.default_factory()
+            name = f"{prefix}{f.name}".replace("class_", "class")
+            rows.append((name, "null" if default is None else str(default), f.metadata.get("help", "")))
+
+    collect(schema, "")
+    width = max(len(name) for name, _, _ in rows)
+    keys = "\n".join(f"  {name:<{width}}  {default:<12} {meaning}" for name, default, meaning in rows)
+    return f"{doc.strip()}\n\nkeys (key=value, default, meaning):\n{keys}"
 
 
 def check_composes(overrides: Sequence[str], config_name: str = "config") -> None:
@@ -43,8 +71,16 @@ def check_composes(overrides: Sequence[str], config_name: str = "config") -> Non
         compose(config_name=config_name, overrides=list(overrides))
 
 
-def run_cli(fn: Callable[[], object], *, check_overrides: Sequence[str] | None = None) -> None:
-    """Run an entry point; a user error prints `error: <one line>` to stderr and exits with status 1."""
+def run_cli(fn: Callable[[], object], *, check_overrides: Sequence[str] | None = None, log_to_stderr: bool = False) -> None:
+    """Run an entry point; a user error prints `error: <one line>` to stderr and exits with status 1.
+
+    `log_to_stderr`: show the log (progress of long computations) on stderr, for commands Hydra does not configure.
+    """
+    if log_to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("sagan").addHandler(handler)
+        logging.getLogger("sagan").setLevel(logging.INFO)
     try:
         # With Hydra flags (--cfg, -m for sweeps, --help, ...) Hydra parses and checks the command line itself.
         if check_overrides is not None and not any(a.startswith("-") for a in check_overrides):

@@ -79,12 +79,19 @@ class LoggerConfig:
     gamma_warn_after: int = 2000  # warn if an attention gamma is still exactly 0 after this many steps
 
 
+def arg(default: Any, help: str) -> Any:
+    """A dataclass field with its one-line meaning, which the commands' --help prints."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class MetricsConfig:
-    inception_weights: Optional[str] = None  # local FID Inception weights (offline use); default: torch-fidelity downloads
-    cache_dir: Optional[str] = None  # cached reference statistics; default $SAGAN_CACHE or ~/.cache/sagan/fidelity
-    kid_subset_size: int = 1000
-    batch_size: int = 64
+    inception_weights: Optional[str] = arg(None, "local FID Inception weights (offline); default: torch-fidelity downloads them")
+    cache_dir: Optional[str] = arg(None, "reference statistics cache; default $SAGAN_CACHE or ~/.cache/sagan/reference_stats")
+    kid_subset_size: Optional[int] = arg(None, "KID subset size; default 1000, or half the smaller set below 2000 images")
+    batch_size: int = arg(64, "images per Inception (and generator) batch")
 
 
 @dataclass

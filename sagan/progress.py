@@ -1,4 +1,5 @@
-"""Progress reporting: a tqdm bar on a terminal, plain log lines otherwise (batch jobs, CI, files)."""
+"""Progress of long loops (training steps, images through the Inception network): a tqdm bar on a terminal, plain log
+lines otherwise (batch jobs, CI, files)."""
 
 from __future__ import annotations
 
@@ -13,26 +14,27 @@ log = logging.getLogger("sagan")
 
 
 class Progress:
-    """Shows step, images/s, losses and ETA. `update` is called every `log_every` steps with host floats."""
+    """Shows `what done/total`, images/s, extra values (losses) and the ETA on each `update`."""
 
-    def __init__(self, *, start: int, total: int, images_per_step: int) -> None:
-        self.total, self.images_per_step = total, images_per_step
-        self.last_step, self.last_time = start, time.perf_counter()
-        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
+    def __init__(self, *, what: str, total: int, start: int = 0, images_per_item: int = 1) -> None:
+        self.what, self.total, self.images_per_item = what, total, images_per_item
+        self.last_done, self.last_time = start, time.perf_counter()
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=start, unit=what.split()[-1], dynamic_ncols=True, leave=False) if tty else None
 
-    def update(self, step: int, scalars: dict[str, float]) -> float:
-        """Report progress at `step`; returns images/s since the previous update."""
+    def update(self, done: int, extra: dict[str, float] | None = None) -> float:
+        """Report progress at `done` items; returns images/s since the previous update."""
         now = time.perf_counter()
-        steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        images_per_s = steps_per_s * self.images_per_step
-        eta = datetime.timedelta(seconds=round((self.total - step) / max(steps_per_s, 1e-9)))
-        losses = " ".join(f"{k} {v:.4f}" for k, v in scalars.items())
+        items_per_s = (done - self.last_done) / max(now - self.last_time, 1e-9)
+        images_per_s = items_per_s * self.images_per_item
+        eta = datetime.timedelta(seconds=round((self.total - done) / max(items_per_s, 1e-9)))
+        values = " ".join(f"{k} {v:.4f}" for k, v in (extra or {}).items())
         if self.bar is not None:
-            self.bar.update(step - self.last_step)
-            self.bar.set_postfix_str(f"{images_per_s:.1f} img/s {losses}")
+            self.bar.update(done - self.last_done)
+            self.bar.set_postfix_str(f"{images_per_s:.1f} img/s {values}".strip())
         else:
-            log.info(f"step {step}/{self.total} | {images_per_s:.1f} img/s | {losses} | eta {eta}")
-        self.last_step, self.last_time = step, now
+            log.info(" | ".join(part for part in (f"{self.what} {done}/{self.total}", f"{images_per_s:.1f} img/s", values, f"eta {eta}") if part))
+        self.last_done, self.last_time = done, now
         return images_per_s
 
     def close(self) -> None:

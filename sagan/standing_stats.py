@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sagan.models.layers import power_iteration_paused
+from sagan.power_iteration import power_iteration_paused
 
 
 @torch.no_grad()

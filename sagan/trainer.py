@@ -13,10 +13,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sagan.data import to_float
+from sagan.images import to_float
 from sagan.dist import SINGLE, World, broadcast_buffers
 from sagan.losses import get_losses
-from sagan.models.layers import power_iteration_paused, use_plain_batchnorm
+from sagan.power_iteration import power_iteration_paused
+from sagan.sync_batchnorm import use_plain_batchnorm
 from sagan.standing_stats import is_bn_statistic, standing_statistics
 
 log = logging.getLogger("sagan")

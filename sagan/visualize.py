@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torchvision.utils import save_image
 
-from sagan.data import to_float
+from sagan.images import to_float
 from sagan.models import SelfAttention2d
 
 # Query points as fractions (row, col) of the image: a left/right pair at two heights, so a user sees whether a point

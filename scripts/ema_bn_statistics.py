@@ -16,12 +16,14 @@ import statistics
 import tempfile
 
 import torch
-from torch.utils.data import TensorDataset
 
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
-from sagan.data import MirrorShapes, mirror_consistency
-from sagan.metrics import ImagesOnly, compute_metrics
-from sagan.sample import draw
+from sagan.demo_data import MirrorShapes, mirror_consistency
+from sagan.dist import SINGLE
+from sagan.inception import Inception
+from sagan.metrics import evaluate_generator
+from sagan.reference_stats import dataset_reference
+from sagan.sampling import draw
 from sagan.standing_stats import is_bn_statistic
 
 
@@ -42,23 +44,20 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--weights", default=None, help="local FID Inception weights (offline)")
     args = parser.parse_args()
-    reference = ImagesOnly(MirrorShapes(size=10_000, resolution=32, seed=0, labels=False), limit=args.n, seed=0)
+    cpu = torch.device("cpu")
+    inception = Inception(weights=args.weights, device=cpu)
     results: dict[str, list[tuple[float, float]]] = {"copy": [], "standing": []}
     print(f"{'checkpoint':<60} {'statistics':<9} {'FID':>8} {'mirror':>7}")
     with tempfile.TemporaryDirectory() as cache:
+        demo = MirrorShapes(size=10_000, resolution=32, seed=0, labels=False)  # `sagan-fid ref=demo ref_n=N`
+        reference = dataset_reference(
+            demo, inception, description="demo", resolution=32, limit=args.n, seed=0, cache_root=cache, world=SINGLE, batch_size=100
+        )
         for path in args.ckpts:
             state = load_checkpoint(path)
             for name, G in variants(state).items():
-                images, _ = draw(G, args.n, seed=0, choice=None, truncation=None, batch=250)
-                fid = compute_metrics(
-                    ImagesOnly(TensorDataset(images)),
-                    reference,
-                    num_samples=args.n,
-                    reference_cache="demo-reference",
-                    isc=False,
-                    weights=args.weights,
-                    cache_root=cache,
-                )["fid"]
+                fid = evaluate_generator(G, reference, inception, n=args.n, seed=0, batch_size=100, world=SINGLE)["fid"]
+                images, _ = draw(G, args.n, seed=0)
                 mirror = mirror_consistency(images)
                 results[name].append((fid, mirror))
                 print(f"{path:<60} {name:<9} {fid:>8.2f} {mirror:>7.3f}", flush=True)

@@ -10,7 +10,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sagan.data import BatchStream, MirrorShapes
+from sagan.batch_stream import BatchStream
+from sagan.demo_data import MirrorShapes
 from sagan.dist import init_distributed, leave_distributed
 from sagan.models import build_models
 from sagan.trainer import Trainer

@@ -13,14 +13,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sagan.data import (
-    BatchStream,
-    DatasetError,
-    MirrorShapes,
-    TorchvisionImages,
-    build_dataset,
-    mirror_consistency,
-)
+from sagan.batch_stream import BatchStream
+from sagan.datasets import DatasetError, TorchvisionImages, build_dataset
+from sagan.demo_data import MirrorShapes, mirror_consistency
 
 R = 16
 
@@ -212,10 +207,10 @@ def test_errors_in_loader_workers_read_like_any_other_error(tmp_path: Path, in_m
 
 def test_torchvision_wrapper_crops_resizes_and_labels() -> None:
     base = [(Image.fromarray(_noise(24, 32, i)), i % 3) for i in range(4)]
-    labeled = TorchvisionImages(base, resolution=R, classes=["a", "b", "c"])
+    labeled = TorchvisionImages(base, resolution=R, classes=["a", "b", "c"], name="fake", split="train")
     x, y = labeled[2]
     assert x.shape == (3, R, R) and x.dtype == torch.uint8 and y == 2
-    unlabeled = TorchvisionImages(base, resolution=R, classes=[])
+    unlabeled = TorchvisionImages(base, resolution=R, classes=[], name="fake", split="train")
     assert unlabeled.num_classes == 0 and unlabeled[2][1] == 0
 
 

@@ -1,5 +1,6 @@
 """Several processes: DDP through torchrun on CPU (gloo), compared with one process doing the same global batch."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,12 +14,14 @@ from torch import nn
 
 from conftest import TINY, compose_config
 from sagan.checkpoint import load_checkpoint
+from sagan.cli import parse_args
 from sagan.config import check_config
+from sagan.fid import FidArgs, evaluate
 from sagan.dist import rank_seed
-from sagan.metrics import generate_share
+from sagan.sampling import draw, rank_part
 from sagan.models import build_models
-from sagan.models.layers import SyncBatchNorm2d, use_sync_batchnorm
-from sagan.train import train
+from sagan.sync_batchnorm import SyncBatchNorm2d, use_sync_batchnorm
+from sagan.training import train
 
 TESTS = Path(__file__).parent
 # Small and short: 4 steps of the tiny model, checkpoints at 2 and 4, in fp32 (bf16 rounding would hide the comparison).
@@ -162,13 +165,33 @@ def test_evaluation_during_a_two_process_run(tmp_path):
     assert (ddp / "checkpoints" / "best.pt").is_file()
 
 
-def test_generated_shares_of_ranks_add_up_to_one_process():
+@pytest.mark.slow
+def test_two_process_evaluation_equals_one_process(tmp_path):
+    """`sagan-fid` under torchrun (each rank generates its part and runs Inception on it; features are gathered)
+    gives the FID and KID of one process evaluating the same checkpoint."""
+    weights = os.environ.get("SAGAN_FID_WEIGHTS")
+    if not weights:
+        pytest.skip("needs the offline FID Inception weights (SAGAN_FID_WEIGHTS)")
+    train(compose_config(*RUN, "train.steps=1", "model.conditional=true"), tmp_path / "run")
+    args = [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", "ref=train", "n=21", "isc=false", "kid=true",
+            f"metrics.inception_weights={weights}", f"metrics.cache_dir={tmp_path / 'cache'}", "device=cpu"]  # fmt: skip
+    torchrun("-m", "sagan.fid", *args, f"out={tmp_path / 'two.json'}", cwd=tmp_path)
+    two = json.loads((tmp_path / "two.json").read_text())
+    one = evaluate(parse_args(FidArgs, [*args, f"out={tmp_path / 'one.json'}"]))
+    assert one["reference_cached"]  # statistics the two processes computed together and cached
+    for key in ("fid", "kid"):
+        assert abs(two["metrics"][key] - one["metrics"][key]) < 1e-4 * max(1.0, abs(one["metrics"][key])), key
+
+
+def test_parts_of_ranks_add_up_to_the_samples_of_one_process():
     G, _ = build_models(compose_config(*TINY, "model.conditional=true").model, num_classes=3)
-    common = dict(seed=3, batch_size=2)
-    alone = generate_share(G, 7, rank=0, world_size=1, **common)
-    shares = [generate_share(G, 7, rank=r, world_size=2, **common) for r in range(2)]
-    assert shares[0].shape == shares[1].shape == (4, 3, 32, 32)  # ceil(7 / 2), the last one padded
-    assert torch.equal(torch.cat(shares)[:7], alone)
+    G.eval()
+    alone, labels = draw(G, 7, seed=3, batch=2)
+    parts = [rank_part(7, r, 3) for r in range(3)]
+    assert [len(p) for p in parts] == [3, 2, 2] and parts[0].start == 0 and parts[-1].stop == 7
+    shares = [draw(G, 7, seed=3, batch=2, part=p) for p in parts]
+    assert torch.equal(torch.cat([images for images, _ in shares]), alone)
+    assert torch.equal(torch.cat([y for _, y in shares]), labels)
 
 
 def test_global_batch_must_split_over_processes_and_micro_batches():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import compose_config
-from sagan.data import BatchStream, MirrorShapes
+from sagan.batch_stream import BatchStream
+from sagan.demo_data import MirrorShapes
 from sagan.models import SelfAttention2d, build_models
 from sagan.models.layers import apply_spectral_norm
 from sagan.trainer import Trainer

@@ -12,7 +12,7 @@ from sagan.attention import AttentionArgs, render_checkpoint
 from sagan.cli import parse_args
 from sagan.config import LoggerConfig
 from sagan.models import Discriminator, Generator
-from sagan.train import train, warn_dead_attention
+from sagan.training import train, warn_dead_attention
 from sagan.visualize import DEFAULT_QUERIES, colormap, overlay, render_attention, to_pixels
 
 

@@ -1,5 +1,8 @@
+import importlib
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -9,10 +12,13 @@ from PIL import Image
 from scipy import linalg
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
+from sagan.checkpoint import load_checkpoint
 from sagan.cli import parse_args
 from sagan.fid import FidArgs, evaluate
-from sagan.metrics import GeneratorSamples, ImagesOnly, MetricsError, classifier_missing, compute_metrics
-from sagan.models import Generator
+from sagan.inception import Inception
+from sagan.metrics import MetricsError, check_request, classifier_missing, compute_metrics, kid_subset, report, Protocol
+from sagan.reference_stats import Reference, ReferenceStatsError, load_reference_file
+from sagan.training import train
 
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
 needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs SAGAN_FID_WEIGHTS (offline FID Inception weights)")
@@ -54,45 +60,52 @@ def test_inception_score_is_refused_with_an_all_zero_classifier(tmp_path):
     assert classifier_missing(weights)
     torch.save({"fc.weight": torch.ones(2, 2)}, tmp_path / "real.pth")
     assert not classifier_missing(str(tmp_path / "real.pth")) and not classifier_missing(None)
-    images = ImagesOnly([(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)] * 4)
     with pytest.raises(MetricsError, match="Inception Score refused.*all zeros"):
-        compute_metrics(images, images, num_samples=4, reference_cache=None, isc=True, fid=False, weights=weights)
+        check_request(fid=False, isc=True, kid=False, prc=False, weights=weights, reference=None)
 
 
-def test_kid_needs_enough_samples():
-    images = ImagesOnly([(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)] * 10)
-    with pytest.raises(MetricsError, match="KID needs at least kid_subset_size=1000 images"):
-        compute_metrics(images, images, num_samples=10, reference_cache=None, isc=False, kid=True)
+def test_kid_subsets_are_smaller_than_the_sets_and_spread_shown_only_then():
+    assert kid_subset(50_000, 10_000, None) == 1000  # the usual protocol
+    assert kid_subset(500, 800, None) == 250  # half the smaller set: subsets differ, so the spread means something
+    with pytest.raises(MetricsError, match="at most the smaller set"):
+        kid_subset(500, 800, 600)
+    rng = torch.Generator().manual_seed(0)
+    ref_features = torch.randn(40, 2048, generator=rng)
+    reference = Reference("r", np.zeros(2048), np.eye(2048), 40, ref_features)
+    gen = torch.randn(40, 2048, generator=rng) + 0.5
+    halves = compute_metrics(gen, None, reference, fid=False, kid=True)
+    whole = compute_metrics(gen, None, reference, fid=False, kid=True, kid_subset_size=40)
+    assert halves["kid_std"] > 0 and "kid_std" not in whole  # every subset of 40 is the whole set: no spread to show
+    protocol = Protocol(num_samples=40, reference="r", reference_images=40, resolution=32)
+    assert "±" in report(halves, protocol) and "±" not in report(whole, protocol)
 
 
-def test_inception_runs_without_tf32_and_training_flags_come_back(monkeypatch):
-    """TF32 (on for training) is off while torch-fidelity runs, and restored afterwards."""
-    import torch_fidelity
+def test_metrics_against_a_statistics_file_refuse_kid_and_precision_recall():
+    stats_only = Reference("stats.npz", np.zeros(2048), np.eye(2048), None)
+    with pytest.raises(MetricsError, match="KID needs the reference images' features.*stats.npz.*kid=true"):
+        check_request(fid=True, isc=False, kid=True, prc=False, weights=None, reference=stats_only)
+    with pytest.raises(MetricsError, match="precision/recall needs"):
+        check_request(fid=True, isc=False, kid=False, prc=True, weights=None, reference=stats_only)
 
-    seen = {}
 
-    def fake_metrics(**kwargs):
-        seen["flags"] = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        return {"frechet_inception_distance": 1.0}
+def test_inception_runs_without_tf32_and_training_flags_come_back():
+    """TF32 (on for training) is off while the Inception network runs, and restored afterwards."""
+    seen = []
 
-    monkeypatch.setattr(torch_fidelity, "calculate_metrics", fake_metrics)
+    def network(images):  # stands in for torch-fidelity's network: records the flags it runs under
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return (torch.zeros(len(images), 2048),)
+
+    inception = Inception.__new__(Inception)
+    inception.net, inception.device, inception.logits = network, torch.device("cpu"), False
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as resolve_perf leaves them
     try:
-        images = ImagesOnly([(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)] * 4)
-        assert compute_metrics(images, images, num_samples=4, reference_cache=None, isc=False) == {"fid": 1.0}
-        assert seen["flags"] == (False, False)
+        pool, _ = inception(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+        assert seen == [(False, False)] and pool.shape == (2, 2048)
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
-def test_conditional_generator_draws_its_own_labels():
-    G = Generator(z_dim=16, ch=4, resolution=32, attn_resolutions=(), num_classes=5).eval()
-    wrapped = GeneratorSamples(G, seed=0)
-    assert wrapped.num_classes == 0  # torch-fidelity never draws labels (its np.int call would crash)
-    images = wrapped(torch.randn(6, 16))
-    assert images.dtype == torch.uint8 and images.shape == (6, 3, 32, 32)
 
 
 def write_images(folder, n, size, seed=0):
@@ -106,21 +119,61 @@ def fid_args(*argv):
     return parse_args(FidArgs, list(argv))
 
 
-def test_cli_errors_are_clear(tmp_path, tiny_cfg):
+def test_cli_errors_are_clear(tmp_path):
     (tmp_path / "empty").mkdir()
-    write_images(tmp_path / "small", 2, 16)
     write_images(tmp_path / "gen", 2, 32, seed=1)
-    with pytest.raises(MetricsError, match="exactly one of ckpt"):
-        evaluate(fid_args(f"ref={tmp_path / 'small'}"))
+    with pytest.raises(MetricsError, match="nothing to do: give ckpt="):
+        evaluate(fid_args(f"ref={tmp_path / 'gen'}"))
+    with pytest.raises(MetricsError, match="not both"):
+        evaluate(fid_args(f"ckpt={tmp_path / 'x.pt'}", f"gen={tmp_path / 'gen'}", f"ref={tmp_path / 'gen'}"))
     with pytest.raises(ValueError, match="no images found"):
-        evaluate(fid_args(f"gen={tmp_path / 'empty'}", f"ref={tmp_path / 'small'}", "isc=false"))
-    with pytest.raises(MetricsError, match="16x16, smaller than the 32x32 generated images"):
-        evaluate(fid_args(f"gen={tmp_path / 'gen'}", f"ref={tmp_path / 'small'}", "isc=false"))
-    with pytest.raises(MetricsError, match="neither an existing folder/.zip nor a known dataset"):
+        evaluate(fid_args(f"gen={tmp_path / 'empty'}", f"ref={tmp_path / 'gen'}", "isc=false"))
+    with pytest.raises(MetricsError, match="neither an existing folder/.zip/.npz nor a known dataset"):
         evaluate(fid_args(f"gen={tmp_path / 'gen'}", "ref=imagenet-train", "isc=false"))
+    with pytest.raises(MetricsError, match="ref=train means the data a checkpoint trained on"):
+        evaluate(fid_args(f"gen={tmp_path / 'gen'}", "ref=train", "isc=false"))
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="truncated or corrupt"):
         evaluate(fid_args(f"ckpt={tmp_path / 'bad.pt'}", f"ref={tmp_path / 'gen'}", "isc=false"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"mu": np.zeros(2048)}, "has no sigma"),
+    ({"mu": np.zeros(64), "sigma": np.eye(64)}, r"holds mu \(64,\) and sigma \(64, 64\)"),
+])  # fmt: skip
+def test_statistics_files_without_mu_and_sigma_or_of_another_size_are_refused(tmp_path, content, message):
+    np.savez(tmp_path / "stats.npz", **content)
+    with pytest.raises(ReferenceStatsError, match=message):
+        load_reference_file(tmp_path / "stats.npz")
+
+
+@pytest.mark.slow
+def test_a_bad_statistics_file_is_one_line_and_a_non_zero_exit(tmp_path):
+    np.savez(tmp_path / "stats.npz", m=np.zeros(3))
+    write_images(tmp_path / "gen", 2, 32)
+    command = [sys.executable, "-m", "sagan.fid", f"gen={tmp_path / 'gen'}", f"ref={tmp_path / 'stats.npz'}", "isc=false"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: statistics file") and "has no mu or sigma" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("module, keys", [
+    ("sagan.fid", ["ckpt", "ref", "save_ref", "metrics.inception_weights", "metrics.kid_subset_size"]),
+    ("sagan.sample", ["ckpt", "n", "class", "truncation"]),
+    ("sagan.attention", ["ckpt", "query", "ema"]),
+])  # fmt: skip
+def test_every_command_explains_itself_with_help(module, keys, capsys):
+    command = importlib.import_module(module)
+    schema = {"sagan.fid": "FidArgs", "sagan.sample": "SampleArgs", "sagan.attention": "AttentionArgs"}[module]
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(getattr(command, schema), ["--help"], doc=command.__doc__)
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert command.__doc__.strip().splitlines()[0] in text and "ckpt=outputs/run/checkpoints/last.pt" in text  # examples
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
+    for key in keys:
+        assert key in rows and len(rows[key].split()) >= 3, (key, rows.get(key))  # name, default, meaning
 
 
 @needs_weights
@@ -136,25 +189,53 @@ def test_fid_of_a_set_against_itself_is_zero(tmp_path):
 
 @needs_weights
 def test_conditional_checkpoint_evaluates_and_reference_statistics_are_cached(tmp_path, tiny_cfg):
-    from sagan.train import train
-
     train(tiny_cfg("train.steps=1", "model.conditional=true"), tmp_path / "run")
     write_images(tmp_path / "ref", 20, 32)
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     args = [f"ckpt={ckpt}", f"ref={tmp_path / 'ref'}", "n=20", "isc=false", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]
     first = evaluate(fid_args(*args))
     assert first["metrics"]["fid"] > 0 and (tmp_path / "run" / "metrics.json").is_file()
-    assert any((tmp_path / "cache").rglob("*"))  # reference statistics were cached
+    assert not first["reference_cached"] and len(list((tmp_path / "cache").iterdir())) == 1
     again = evaluate(fid_args(*args))
+    assert again["reference_cached"]  # the second evaluation computed no reference statistics
     assert again["metrics"]["fid"] == pytest.approx(first["metrics"]["fid"], rel=1e-6)  # same seed, same samples
+
+
+@needs_weights
+def test_in_training_fid_equals_sagan_fid_of_the_checkpoint_with_the_cached_reference(tmp_path, tiny_cfg, caplog):
+    """The one evaluation path: FID logged at step 2 equals `sagan-fid ckpt=<step 2> ref=train` with the same n,
+    reference subset and seed, and sagan-fid reads the statistics training cached."""
+    cache = f"metrics.cache_dir={tmp_path / 'cache'}"
+    train(tiny_cfg("train.steps=2", "train.ckpt_every=2", "eval.every=2", "eval.num_samples=20", "eval.ref_images=16",
+                   f"metrics.inception_weights={WEIGHTS}", cache), tmp_path / "run")  # fmt: skip
+    logged = next(json.loads(r)["metrics/fid"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "metrics/fid" in r)
+    caplog.set_level("INFO", logger="sagan")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000002.pt"
+    result = evaluate(fid_args(f"ckpt={ckpt}", "ref=train", "n=20", "ref_n=16", "seed=0", "isc=false", f"metrics.inception_weights={WEIGHTS}", cache))
+    assert result["reference_cached"] and "reference statistics of train: cached in" in caplog.text
+    assert abs(result["metrics"]["fid"] - logged) < 1e-4, (result["metrics"]["fid"], logged)
+    assert "generated images 20/20 |" in caplog.text and "img/s" in caplog.text  # progress is shown
+
+
+@needs_weights
+def test_statistics_file_gives_the_fid_of_its_images_and_smaller_references_are_resized(tmp_path, capsys):
+    write_images(tmp_path / "ref", 24, 28)  # 28 px references for 32 px generated images: resized like training data
+    write_images(tmp_path / "gen", 24, 32, seed=1)
+    common = [f"gen={tmp_path / 'gen'}", "isc=false", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]
+    folder = evaluate(fid_args(*common, f"ref={tmp_path / 'ref'}", f"save_ref={tmp_path / 'ref.npz'}", f"out={tmp_path / 'a.json'}"))
+    assert folder["protocol"]["notes"] == ["reference resized from 28 px"]
+    assert "reference resized from 28 px" in capsys.readouterr().out
+    stats = evaluate(fid_args(*common, f"ref={tmp_path / 'ref.npz'}", f"out={tmp_path / 'b.json'}"))
+    assert abs(stats["metrics"]["fid"] - folder["metrics"]["fid"]) < 1e-4
+    assert stats["protocol"]["reference_images"] == 24 and f"24 reference images ({tmp_path / 'ref.npz'})" in capsys.readouterr().out
+    with pytest.raises(MetricsError, match="KID needs the reference images' features"):
+        evaluate(fid_args(*common, f"ref={tmp_path / 'ref.npz'}", "kid=true"))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(None in (WEIGHTS, TRAIN_ZIP, TEST_ZIP), reason="needs the offline CIFAR-10 zips and FID weights")
 def test_cifar10_train_vs_test_and_untrained_generator(tmp_path, tiny_cfg, capsys):
     """FID(train, test) on 500 + 500 images of the JPEG CIFAR-10 copy is small; an untrained G is far worse."""
-    from sagan.train import train
-
     common = ["ref_n=500", "isc=false", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]
     start = time.perf_counter()
     real = evaluate(fid_args(f"gen={TEST_ZIP}", "n=500", f"ref={TRAIN_ZIP}", *common, f"out={tmp_path / 'real.json'}"))
@@ -169,9 +250,6 @@ def test_cifar10_train_vs_test_and_untrained_generator(tmp_path, tiny_cfg, capsy
 
 @needs_weights
 def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path, tiny_cfg):
-    from sagan.checkpoint import load_checkpoint
-    from sagan.train import train
-
     overrides = ["train.steps=2", "train.ckpt_every=100", "eval.every=1", "eval.num_samples=8", "eval.ref_images=8",
                  f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     train(tiny_cfg(*overrides), tmp_path / "run")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sagan.checkpoint import load_checkpoint
-from sagan.train import train
+from sagan.training import train
 from sagan.trainer import Diverged, Trainer
 
 

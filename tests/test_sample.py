@@ -5,13 +5,14 @@ from PIL import Image
 
 from sagan.cli import parse_args
 from sagan.models import Generator
-from sagan.sample import SampleArgs, draw, sample
+from sagan.sample import SampleArgs, sample
+from sagan.sampling import draw
 
 
 @pytest.fixture(scope="module")
 def conditional_ckpt(tmp_path_factory):
     from conftest import compose_config
-    from sagan.train import train
+    from sagan.training import train
 
     run = tmp_path_factory.mktemp("run")
     overrides = ["experiment=demo", "model.g_ch=4", "model.d_ch=4", "data.size=16", "train.batch_size=4",

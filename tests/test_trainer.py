@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sagan.data import to_float
+from sagan.images import to_float
 from sagan.models import Discriminator, Generator
 from sagan.trainer import Trainer
 

@@ -7,14 +7,14 @@ as PNG files, so a run can be read without any dashboard. Only rank 0 creates on
 from __future__ import annotations
 
 import json
-import uuid
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from sagan.checkpoint import atomic_write
+from sagan.atomic_files import atomic_write
 
 log = logging.getLogger("sagan")
 

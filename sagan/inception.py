@@ -1,0 +1,77 @@
+"""Inception features through torch-fidelity: its port of the TF FID Inception (`inception-v3-compat`, the network of
+the original FID and Inception Score code), which papers' numbers use. Always run with TF32 off."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch_fidelity.utils import create_feature_extractor
+
+from sagan.progress import Progress
+
+INCEPTION = "inception-v3-compat"
+POOL, LOGITS = "2048", "logits_unbiased"  # pool3 features (FID, KID, precision/recall); classifier logits (IS)
+
+
+class Inception:
+    """The FID Inception on `device`: uint8 images (B, 3, H, W) of any size in (resized to 299 inside, as the TF
+    code does), pool3 features (B, 2048) and, with `logits=True`, classifier logits (B, 1008) out, float32 on the CPU.
+
+    `weights` is a local copy of the network (torch-fidelity's `pt_inception-2015-12-05` layout); None downloads it.
+    """
+
+    def __init__(self, *, weights: str | None, device: torch.device, logits: bool = False) -> None:
+        kwargs = {"verbose": False}
+        if weights is not None:
+            kwargs["feature_extractor_weights_path"] = str(Path(weights).expanduser())
+        layers = [POOL, LOGITS] if logits else [POOL]
+        self.net = create_feature_extractor(INCEPTION, layers, cuda=False, **kwargs).to(device)
+        self.device, self.logits = device, logits
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with full_precision():
+            out = self.net(images.to(self.device))
+        return out[0].float().cpu(), out[1].float().cpu() if self.logits else None
+
+    def features(
+        self, batches: Iterable[torch.Tensor], *, total: int, what: str, report: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features of every image of `batches` (`total` in all), in order; with `report`, progress every 10 s as
+        "<what> done/total | img/s | eta"."""
+        pool = torch.empty(total, 2048)
+        logits = torch.empty(total, 1008) if self.logits else None
+        progress = Progress(what=what, total=total) if report and total else None
+        done, shown = 0, time.perf_counter()
+        for images in batches:
+            pool_batch, logits_batch = self(images)
+            pool[done : done + len(images)] = pool_batch
+            if logits is not None:
+                logits[done : done + len(images)] = logits_batch
+            done += len(images)
+            if progress is not None and (time.perf_counter() - shown > 10 or done == total):
+                progress.update(done)
+                shown = time.perf_counter()
+        if progress is not None:
+            progress.close()
+        if done != total:
+            raise RuntimeError(f"expected {total} images, got {done}")
+        return pool, logits
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """TF32 off (CUDA matmuls and convolutions in true fp32) inside the block, as before it afterwards: training turns
+    it on for speed, but the features FID compares must match the reference implementation's."""
+    # The allow_tf32 flags, as in `resolve_perf`: torch refuses reads of one API's flags after writes through the
+    # other (fp32_precision), and torch.compile reads them through the old one.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
