@@ -75,7 +75,7 @@ class LoggerConfig:
     image_every: int = 1000  # steps between sample grids and attention maps
     num_samples: int = 64  # images in each sample grid
     attn_images: int = 4  # images (rows) in each attention figure
-    attn_queries: Optional[list[list[float]]] = None  # (row, col): < 1 a fraction of the image, >= 1 a pixel
+    attn_queries: Optional[list[list[Any]]] = None  # (row, col): < 1 a fraction of the image, >= 1 a pixel
     gamma_warn_after: int = 2000  # warn if an attention gamma is still exactly 0 after this many steps
 
 

@@ -79,6 +79,16 @@ def dataset_identity(dataset: Dataset) -> tuple:
     raise TypeError(f"no identity for {type(dataset).__name__}")
 
 
+def training_dataset(config: dict, *, resolution: int, labels: bool) -> Dataset:
+    """The data a run trained on, from the config its checkpoints keep (relative paths are relative to the current
+    directory, as they were to the training command's). Never downloads."""
+    data = config["data"]
+    return build_dataset(
+        data["name"], root=data["root"], resolution=resolution, download=False, labels=labels, split=data["split"],
+        skip_bad=data.get("skip_bad", False), size=data["size"], seed=config["train"]["seed"],
+    )  # fmt: skip
+
+
 def native_side(dataset: Dataset) -> int | None:
     """The shorter side of the first image as stored, before cropping and resizing (None for the generated demo)."""
     if isinstance(dataset, ImageFolder):

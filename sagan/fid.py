@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
 from sagan.cli import parse_args, run_cli
 from sagan.config import MetricsConfig, arg
-from sagan.datasets import TORCHVISION_SPLITS, ImageFolder, build_dataset, native_side
+from sagan.datasets import TORCHVISION_SPLITS, ImageFolder, build_dataset, native_side, training_dataset
 from sagan.dist import SINGLE, World, broadcast_object, init_distributed, leave_distributed, resolve_device
 from sagan.inception import Inception
 from sagan.metrics import (
@@ -77,12 +77,7 @@ def reference_dataset(ref: str, *, resolution: int, data_root: str, download: bo
     if ref == "train":
         if state is None:
             raise MetricsError("ref=train means the data a checkpoint trained on: give ckpt=<checkpoint>")
-        config = state["config"]
-        data = config["data"]
-        return build_dataset(
-            data["name"], root=data["root"], resolution=resolution, download=False, labels=False,
-            split=data["split"], size=data["size"], seed=config["train"]["seed"],
-        )  # fmt: skip
+        return training_dataset(state["config"], resolution=resolution, labels=False)
     if ref == "demo":  # the generated demo images (experiment=demo trains on these, seed 0)
         return build_dataset("demo", root=None, resolution=resolution, labels=False)
     path = Path(ref).expanduser()

@@ -78,11 +78,16 @@ class RunLogger:
             self.wandb.log(scalars, step=step)
 
     def log_images(self, step: int, images: dict[str, Path]) -> None:
-        """Images already written to the run directory, under W&B keys."""
+        """Files already written to the run directory, under W&B keys: PNG images as images, HTML pages (the attention
+        explorer) as HTML panels."""
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({key: wandb.Image(Image.open(path), caption=path.name) for key, path in images.items()}, step=step)
+            media = {
+                key: wandb.Html(path.read_text(), inject=False) if path.suffix == ".html" else wandb.Image(Image.open(path), caption=path.name)
+                for key, path in images.items()
+            }
+            self.wandb.log(media, step=step)
 
     def finish(self) -> None:
         self.metrics.close()

@@ -44,7 +44,8 @@ from sagan.reference_stats import dataset_reference, default_cache_root
 from sagan.run_logger import RunLogger
 from sagan.sync_batchnorm import use_sync_batchnorm
 from sagan.trainer import Diverged, Trainer
-from sagan.visualize import DEFAULT_QUERIES, Snapshots, to_pixels
+from sagan.snapshots import Snapshots
+from sagan.visualize import DEFAULT_QUERIES, to_pixels
 
 log = logging.getLogger("sagan")
 
@@ -185,6 +186,7 @@ class Run:
             queries=to_pixels(cfg.logger.attn_queries or DEFAULT_QUERIES, cfg.model.resolution),
             attn_images=cfg.logger.attn_images,
             score=mirror_consistency if isinstance(dataset, MirrorShapes) else None,
+            title=f"{cfg.experiment or cfg.model.name} ({self.run_dir.name})",
         )
         logger = RunLogger(
             self.run_dir,

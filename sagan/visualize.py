@@ -17,7 +17,6 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torchvision.utils import save_image
 
-from sagan.images import to_float
 from sagan.models import SelfAttention2d
 
 # Query points as fractions (row, col) of the image: a left/right pair at two heights, so a user sees whether a point
@@ -59,8 +58,8 @@ def to_pixels(queries: Sequence[Sequence[float]], resolution: int) -> list[tuple
     1 or more a pixel index (configs store both as floats, so the value, not the type, decides)."""
     pixels = []
     for q in queries:
-        if len(q) != 2:
-            raise ValueError(f"a query point is (row, col), got {list(q)}")
+        if len(q) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in q):
+            raise ValueError(f"a query point is two numbers (row, col), got {list(q)}")
         row, col = (round(v * (resolution - 1)) if 0 <= v < 1 else int(v) for v in q)
         if not (0 <= row < resolution and 0 <= col < resolution):
             raise ValueError(f"query point {list(q)} lies outside the {resolution}x{resolution} image")
@@ -158,45 +157,3 @@ def generate(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None) -> torch.Ten
         return G(z, y)
     finally:
         G.train(was_training)
-
-
-class Snapshots:
-    """Sample grids (G and G_ema on a fixed z) and attention figures (G_ema on its samples, D on fixed real images),
-    written as PNG files under the run directory: samples/step_XXXXXXX[_G].png, attention/step_XXXXXXX_<layer>.png.
-    """
-
-    def __init__(
-        self,
-        run_dir: Path,
-        *,
-        z: torch.Tensor,
-        y: torch.Tensor | None,
-        real: torch.Tensor,
-        y_real: torch.Tensor | None,
-        queries: Sequence[tuple[int, int]],
-        attn_images: int,
-        score: Callable[[torch.Tensor], float] | None = None,
-    ) -> None:
-        self.run_dir, self.z, self.y = run_dir, z, y
-        self.real, self.y_real = to_float(real), y_real
-        self.queries, self.n = queries, attn_images
-        self.score = score  # a dataset's own quality score of samples (the demo's mirror consistency)
-
-    def write(self, step: int, G: nn.Module, G_ema: nn.Module, D: nn.Module) -> tuple[dict[str, Path], dict[str, float]]:
-        """Write this step's images; returns {W&B key: path} and the sample score (if the dataset has one)."""
-        name = f"step_{step:07d}"
-        paths = {"samples/G_ema": self.run_dir / "samples" / f"{name}.png", "samples/G": self.run_dir / "samples" / f"{name}_G.png"}
-        samples = generate(G_ema, self.z, self.y)
-        save_grid(samples, paths["samples/G_ema"])
-        save_grid(generate(G, self.z, self.y), paths["samples/G"])
-
-        n, y = self.n, None if self.y is None else self.y[: self.n]
-        y_real = None if self.y_real is None else self.y_real[:n]
-        figures = render_attention(G_ema, lambda: G_ema(self.z[:n], y), samples[:n], self.queries, "G")
-        figures |= render_attention(D, lambda: D(self.real[:n], y_real), self.real[:n], self.queries, "D")
-        for key, figure in figures.items():
-            paths[f"attention/{key}"] = self.run_dir / "attention" / f"{name}_{key}.png"
-            paths[f"attention/{key}"].parent.mkdir(parents=True, exist_ok=True)
-            figure.save(paths[f"attention/{key}"])
-        scores = {} if self.score is None else {"score/mirror_consistency": self.score(samples)}
-        return paths, scores

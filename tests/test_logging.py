@@ -21,6 +21,11 @@ def test_offline_run_logs_images_and_gamma_history(tiny_cfg, tmp_path):
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     media = {p.relative_to(run / "files" / "media" / "images").as_posix().rsplit("_", 2)[0] for p in run.rglob("*.png")}
     assert media == {"samples/G", "samples/G_ema", "attention/G_attn16", "attention/D_attn16", "attention/D_attn8"}
+    # The attention explorer as an HTML panel, the same page as the file in the run directory.
+    pages = sorted(run.rglob("*.html"))
+    assert {p.relative_to(run / "files" / "media" / "html").as_posix().rsplit("_", 2)[0] for p in pages} == {"attention/explorer"}
+    assert len(pages) == 2 and 'id="attention-map"' in pages[-1].read_text()  # steps 0 and 2
+    assert pages[-1].read_text() == (tmp_path / "attention" / "step_0000002.html").read_text()
     # The .wandb file is W&B's binary record log (no public reader in wandb 0.31); history keys sit in it as strings.
     history = (run / f"run-{run.name.rsplit('-', 1)[1]}.wandb").read_bytes()
     for key in ("gamma/G/attn16", "gamma/D/attn16", "gamma/D/attn8", "loss/d", "sigma/D/linear"):
@@ -37,7 +42,7 @@ def test_disabled_logger_writes_only_files(tiny_cfg, tmp_path):
     train(tiny_cfg("train.steps=2", "logger.image_every=1"), tmp_path)  # tiny_cfg has logger.mode=disabled
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "wandb_id.txt").exists()
     names = sorted(p.name for p in (tmp_path / "attention").iterdir())
-    assert names == [f"step_000000{s}_{net}_attn16.png" for s in range(3) for net in ("D", "G")]
+    assert names == sorted([f"step_000000{s}{kind}" for s in range(3) for kind in ("_D_attn16.png", "_G_attn16.png", ".html")])
     assert (tmp_path / "samples" / "step_0000001_G.png").is_file()
 
 
