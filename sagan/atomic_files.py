@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically.
-
-    A temporary file in the same directory is written and fsync'ed, then renamed over `path` (os.replace is atomic
-    within a filesystem), then the directory entry is fsync'ed.
-    """
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: a temporary file in the same directory, fsync'ed and renamed over
+    `path` when the block ends without an error (os.replace is atomic within a filesystem), then the directory entry
+    fsync'ed. On an error the temporary file is removed and `path` is left as it was."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -26,3 +28,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data)

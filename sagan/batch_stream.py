@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sagan.datasets import DatasetError
+from sagan.datasets import DatasetError, reraise_worker_error
 
 
 def default_num_workers() -> int:
@@ -21,24 +21,6 @@ def default_num_workers() -> int:
     among the training processes torchrun started on this machine, at most 8 (more rarely helps decode 32-256 px)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def reraise_worker_error(error: Exception) -> None:
-    """Raise an error that a dataset raised inside a DataLoader worker as the dataset raised it; others unchanged.
-
-    The DataLoader re-raises it in the main process as the same type, but with the worker's whole traceback as its
-    message; the original message is the traceback's last line, after the type's name.
-    """
-    text = str(error)
-    last = text.strip().splitlines()[-1] if "Original Traceback" in text else ""
-    kind, _, message = last.partition(": ")
-    if message and kind.rsplit(".", 1)[-1] == type(error).__name__:
-        try:
-            unwrapped = type(error)(message)
-        except TypeError:  # an exception type that takes other arguments: keep the wrapped one
-            raise error
-        raise unwrapped from None
-    raise error
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

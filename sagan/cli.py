@@ -57,7 +57,8 @@ def usage(schema: type, doc: str) -> str:
             if f.default is dataclasses.MISSING:
                 default = f.default_factory()
             name = f"{prefix}{f.name}".replace("class_", "class")
-            rows.append((name, "null" if default is None else str(default), f.metadata.get("help", "")))
+            shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+            rows.append((name, shown, f.metadata.get("help", "")))
 
     collect(schema, "")
     width = max(len(name) for name, _, _ in rows)

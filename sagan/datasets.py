@@ -11,6 +11,7 @@ the device (4x less host memory and transfer than float32); the trainer maps the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -51,6 +52,24 @@ class DatasetError(ValueError):
     """A dataset cannot be built or read; the message names the problem and the config key that fixes it."""
 
 
+def reraise_worker_error(error: Exception) -> None:
+    """Raise an error that a dataset raised inside a DataLoader worker as the dataset raised it; others unchanged.
+
+    The DataLoader re-raises it in the main process as the same type, but with the worker's whole traceback as its
+    message; the original message is the traceback's last line, after the type's name.
+    """
+    text = str(error)
+    last = text.strip().splitlines()[-1] if "Original Traceback" in text else ""
+    kind, _, message = last.partition(": ")
+    if message and kind.rsplit(".", 1)[-1] == type(error).__name__:
+        try:
+            unwrapped = type(error)(message)
+        except TypeError:  # an exception type that takes other arguments: keep the wrapped one
+            raise error
+        raise unwrapped from None
+    raise error
+
+
 def describe_dataset(dataset: Dataset, name: str) -> str:
     """What a run trains on, for its log: the source, the number of images and the classes."""
     source = name
@@ -73,9 +92,11 @@ def dataset_identity(dataset: Dataset) -> tuple:
     if isinstance(dataset, TorchvisionImages):
         return (dataset.name, dataset.split, str(Path(dataset.base.root).expanduser().resolve()))
     if isinstance(dataset, ImageFolder):
-        path = Path(dataset.root).expanduser().resolve()
-        stat = path.stat()  # a changed folder or zip gets new statistics
-        return ("folder", str(path), stat.st_size, int(stat.st_mtime))
+        # A zip's or folder's changes (files added, removed or renamed) give new statistics; a file rewritten in place
+        # under the same name does not: clear the cache (metrics.cache_dir) after that.
+        names = hashlib.sha1("\n".join(dataset.files).encode()).hexdigest()
+        path = str(Path(dataset.root).expanduser().resolve())
+        return ("folder", path, len(dataset.files), names, int(dataset.changed), dataset.skip_bad)
     raise TypeError(f"no identity for {type(dataset).__name__}")
 
 
@@ -217,13 +238,16 @@ def _is_image_path(relpath: str) -> bool:
     return os.path.splitext(relpath)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _list_directory(root: Path) -> list[str]:
-    files = []
+def _list_directory(root: Path) -> tuple[list[str], float]:
+    """The image files under `root` (sorted relative paths) and the newest modification time of its folders (adding,
+    removing or renaming a file changes its folder's)."""
+    files, newest = [], 0.0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # do not descend into .git, .cache, ...
+        newest = max(newest, os.stat(dirpath).st_mtime)
         for filename in filenames:
             files.append(Path(dirpath, filename).relative_to(root).as_posix())
-    return sorted(f for f in files if _is_image_path(f))
+    return sorted(f for f in files if _is_image_path(f)), newest
 
 
 def _list_zip(path: Path) -> list[str]:
@@ -257,7 +281,10 @@ class ImageFolder(Dataset):
         self.resolution = resolution
         self.skip_bad = skip_bad
         self.is_zip = path.is_file()
-        self.files = _list_zip(path) if self.is_zip else _list_directory(path)
+        if self.is_zip:
+            self.files, self.changed = _list_zip(path), path.stat().st_mtime
+        else:
+            self.files, self.changed = _list_directory(path)
         if not self.files:
             raise DatasetError(f"no images found under '{root}' (looked for {', '.join(IMAGE_EXTENSIONS)})")
 

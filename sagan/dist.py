@@ -10,6 +10,8 @@ from __future__ import annotations
 import gc
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -155,9 +157,16 @@ def broadcast_object(obj: Any, world: World) -> Any:
     return box[0]
 
 
-def all_gather_rows(tensor: torch.Tensor, world: World) -> torch.Tensor:
-    """Every rank's rows of `tensor` (on the CPU; the row counts may differ), concatenated in rank order, on every
-    rank. For features: 2,048 floats per image travel, not the images."""
+def rank_part(n: int, rank: int, world_size: int) -> range:
+    """The contiguous part of n items that `rank` of `world_size` takes (the first ranks take one more if needed)."""
+    share, extra = divmod(n, world_size)
+    start = rank * share + min(rank, extra)
+    return range(start, start + share + (rank < extra))
+
+
+def gather_rows(tensor: torch.Tensor, world: World) -> torch.Tensor | None:
+    """Every rank's rows of `tensor` (on the CPU; row counts may differ), concatenated in rank order on rank 0; None on
+    the other ranks. For features: 2,048 floats per image travel, not the images."""
     if world.size == 1:
         return tensor
     counts = [torch.zeros(1, dtype=torch.long) for _ in range(world.size)]
@@ -165,9 +174,19 @@ def all_gather_rows(tensor: torch.Tensor, world: World) -> torch.Tensor:
     longest = max(int(c) for c in counts)
     padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype)
     padded[: len(tensor)] = tensor
-    parts = [torch.empty_like(padded) for _ in range(world.size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[: int(c)] for part, c in zip(parts, counts)])
+    parts = [torch.empty_like(padded) for _ in range(world.size)] if world.main else None
+    dist.gather(padded, parts, dst=0)
+    return torch.cat([part[: int(c)] for part, c in zip(parts, counts)]) if world.main else None
+
+
+@contextmanager
+def main_rank_first(world: World) -> Iterator[None]:
+    """Run the block on rank 0 first, then on the others: what it downloads or writes once is there for them."""
+    if not world.main:
+        barrier(world)
+    yield
+    if world.main:
+        barrier(world)
 
 
 def barrier(world: World) -> None:

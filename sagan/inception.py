@@ -4,13 +4,14 @@ the original FID and Inception Score code), which papers' numbers use. Always ru
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch_fidelity.utils import create_feature_extractor
 
+from sagan.dist import SINGLE, World
+from sagan.precision import full_precision
 from sagan.progress import Progress
 
 INCEPTION = "inception-v3-compat"
@@ -39,13 +40,20 @@ class Inception:
         return out[0].float().cpu(), out[1].float().cpu() if self.logits else None
 
     def features(
-        self, batches: Iterable[torch.Tensor], *, total: int, what: str, report: bool = True
+        self,
+        batches: Iterable[torch.Tensor],
+        *,
+        total: int,
+        what: str,
+        world: World = SINGLE,
+        overall: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Features of every image of `batches` (`total` in all), in order; with `report`, progress every 10 s as
-        "<what> done/total | img/s | eta"."""
+        """Features of every image of `batches` (`total` in all: this rank's part of `overall`), in order. Rank 0
+        reports progress every 10 s: "<what> done/total (rank 0's part of overall) | img/s | eta"."""
         pool = torch.empty(total, 2048)
         logits = torch.empty(total, 1008) if self.logits else None
-        progress = Progress(what=what, total=total) if report and total else None
+        note = f" (rank 0's part of {overall})" if world.size > 1 else ""
+        progress = Progress(what=what, total=total, note=note) if world.main and total else None
         done, shown = 0, time.perf_counter()
         for images in batches:
             pool_batch, logits_batch = self(images)
@@ -61,17 +69,3 @@ class Inception:
         if done != total:
             raise RuntimeError(f"expected {total} images, got {done}")
         return pool, logits
-
-
-@contextmanager
-def full_precision() -> Iterator[None]:
-    """TF32 off (CUDA matmuls and convolutions in true fp32) inside the block, as before it afterwards: training turns
-    it on for speed, but the features FID compares must match the reference implementation's."""
-    # The allow_tf32 flags, as in `resolve_perf`: torch refuses reads of one API's flags after writes through the
-    # other (fp32_precision), and torch.compile reads them through the old one.
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

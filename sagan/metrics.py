@@ -8,7 +8,9 @@ features (2,048 floats per image), not images; rank 0 computes the metrics and s
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,10 +19,12 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from sagan.dist import World, all_gather_rows, broadcast_object
+from sagan.dist import World, broadcast_object, gather_rows, rank_part
 from sagan.inception import INCEPTION, Inception
 from sagan.reference_stats import Reference, statistics
-from sagan.sampling import draw_batches, rank_part
+from sagan.sampling import draw_batches
+
+log = logging.getLogger("sagan")
 
 KID_SUBSET = 1000  # torch-fidelity's and the KID paper's subset size, when there are enough images
 
@@ -76,23 +80,35 @@ def kid_subset(n_generated: int, n_reference: int | None, requested: int | None)
     return size
 
 
-def check_request(
-    *, isc: bool, kid: bool, prc: bool, fid: bool, weights: str | None, reference: Reference | None
-) -> None:
-    """Refuse what cannot be computed before any image is generated: IS without a classifier, KID or precision/recall
-    against a statistics file."""
-    if not (fid or isc or kid or prc):
-        raise MetricsError("no metric asked for: set at least one of fid, isc, kid, prc")
-    if isc and classifier_missing(weights):
-        raise MetricsError(
-            f"Inception Score refused: the classifier in '{weights}' is all zeros, so IS would always be 1.0; "
-            "use torch-fidelity's own weights (leave the weights path unset, needs internet) or compute fid/kid/prc only"
+def inception_score_allowed(asked: bool, weights: str | None) -> bool:
+    """Whether IS can be computed with these Inception weights: not with an all-zero classifier (the offline
+    pool3-only copy), where it would always be 1.0. Warns when IS was asked for and is skipped."""
+    if asked and classifier_missing(weights):
+        log.warning(
+            f"IS skipped: the classifier in '{weights}' is all zeros, so IS would always be 1.0 (FID, KID, P/R are fine)"
         )
-    if (kid or prc) and reference is not None and reference.features is None:
+        return False
+    return asked
+
+
+def check_request(
+    *, fid: bool, isc: bool, kid: bool, prc: bool, n: int, reference: Reference, kid_subset_size: int | None
+) -> None:
+    """Refuse, on every rank and before any image is generated, what cannot be computed: no metric, KID or
+    precision/recall against a statistics file, a KID subset that does not fit the sets."""
+    if not (fid or isc or kid or prc):
+        raise MetricsError(
+            "no metric asked for: set at least one of fid, isc, kid, prc (IS needs the Inception classifier)"
+        )
+    if (kid or prc) and reference.is_file:
         raise MetricsError(
             f"{'KID' if kid else 'precision/recall'} needs the reference images' features, and '{reference.description}' "
             "holds statistics only (mu, sigma): use ref=<folder, .zip or dataset> for kid=true / prc=true"
         )
+    if kid:
+        kid_subset(n, reference.num_images, kid_subset_size)
+    if n < 2:
+        raise MetricsError(f"need at least 2 generated images, got n={n}")
 
 
 def compute_metrics(
@@ -125,9 +141,8 @@ def compute_metrics(
             pool, reference.features, kid_subsets=100, kid_subset_size=size, rng_seed=seed, verbose=False
         )
         out["kid"] = score["kernel_inception_distance_mean"]
-        if size < min(
-            len(pool), len(reference.features)
-        ):  # else every subset is a whole set: a spread of 0 says nothing
+        # With subsets as large as a set every subset is that set: a spread of 0 would say nothing.
+        if size < min(len(pool), len(reference.features)):
             out["kid_std"] = score["kernel_inception_distance_std"]
     if prc:
         score = prc_features_to_metric(
@@ -146,27 +161,32 @@ def evaluate_generator(
     seed: int,
     batch_size: int,
     world: World,
-    fid: bool = True,
-    isc: bool = False,
-    kid: bool = False,
-    prc: bool = False,
-    kid_subset_size: int | None = None,
+    **which: Any,
 ) -> dict[str, float]:
-    """Metrics of n seeded samples of G (as it is: call it in eval mode) against `reference`, on every rank.
+    """Metrics (`which`: fid, isc, kid, prc, kid_subset_size) of n seeded samples of G (as it is: call it in eval
+    mode) against `reference`, on every rank.
 
     Rank r draws images `rank_part(n, r, world_size)` of the same n latents (`sagan.sampling`), so the images, and the
     metrics, do not depend on the number of ranks.
     """
     part = rank_part(n, world.rank, world.size)
     batches = draw_batches(G, n, seed=seed, batch=batch_size, part=part)
-    pool, logits = inception.features(batches, total=len(part), what="generated images", report=world.main)
-    pool = all_gather_rows(pool, world)
-    logits = None if logits is None else all_gather_rows(logits, world)
-    metrics = None
-    if world.main:
-        metrics = compute_metrics(
-            pool, logits, reference, fid=fid, isc=isc, kid=kid, prc=prc, kid_subset_size=kid_subset_size, seed=seed
-        )
+    pool, logits = inception.features(batches, total=len(part), what="generated images", world=world, overall=n)
+    return metrics_on_main(
+        gather_rows(pool, world),
+        None if logits is None else gather_rows(logits, world),
+        reference,
+        world,
+        seed=seed,
+        **which,
+    )
+
+
+def metrics_on_main(
+    pool: torch.Tensor | None, logits: torch.Tensor | None, reference: Reference, world: World, **kwargs: Any
+) -> dict[str, float]:
+    """`compute_metrics` on rank 0 (which holds the gathered features), its result on every rank."""
+    metrics = compute_metrics(pool, logits, reference, **kwargs) if world.main else None
     return broadcast_object(metrics, world)
 
 

@@ -14,10 +14,10 @@ log = logging.getLogger("sagan")
 
 
 class Progress:
-    """Shows `what done/total`, images/s, extra values (losses) and the ETA on each `update`."""
+    """Shows `what done/total` (and `note`), images/s, extra values (losses) and the ETA on each `update`."""
 
-    def __init__(self, *, what: str, total: int, start: int = 0, images_per_item: int = 1) -> None:
-        self.what, self.total, self.images_per_item = what, total, images_per_item
+    def __init__(self, *, what: str, total: int, start: int = 0, images_per_item: int = 1, note: str = "") -> None:
+        self.what, self.total, self.images_per_item, self.note = what, total, images_per_item, note
         self.last_done, self.last_time = start, time.perf_counter()
         tty = sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=start, unit=what.split()[-1], dynamic_ncols=True, leave=False) if tty else None
@@ -33,7 +33,8 @@ class Progress:
             self.bar.update(done - self.last_done)
             self.bar.set_postfix_str(f"{images_per_s:.1f} img/s {values}".strip())
         else:
-            log.info(" | ".join(part for part in (f"{self.what} {done}/{self.total}", f"{images_per_s:.1f} img/s", values, f"eta {eta}") if part))
+            parts = (f"{self.what} {done}/{self.total}{self.note}", f"{images_per_s:.1f} img/s", values, f"eta {eta}")
+            log.info(" | ".join(part for part in parts if part))
         self.last_done, self.last_time = done, now
         return images_per_s
 

@@ -1,16 +1,17 @@
 """What generated images are compared with: Inception statistics of reference images, cached once per set of images,
 and `.npz` statistics files (`mu`, `sigma`: the format pytorch-fid and the TTUR code exchange).
 
-One cache, keyed one way: by what the images are (`dataset_identity`), the resolution they are prepared at, and the
-subset. Training (`eval.every`) and `sagan-fid` therefore share statistics of the same data.
+One cache, keyed one way: by what the images are (`dataset_identity`), the resolution they are prepared at, the
+subset, and the Inception weights. Training (`eval.every`) and `sagan-fid` therefore share statistics of the same data.
+Under torchrun every rank extracts features of its part of the images; rank 0 alone holds the statistics.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch_fidelity.metric_fid import fid_features_to_statistics
 
-from sagan.atomic_files import atomic_write
-from sagan.batch_stream import reraise_worker_error
-from sagan.datasets import ImageSubset, dataset_identity
-from sagan.dist import World, all_gather_rows, barrier, broadcast_object
+from sagan.atomic_files import atomic_file
+from sagan.datasets import ImageSubset, dataset_identity, reraise_worker_error
+from sagan.dist import World, barrier, broadcast_object, gather_rows, rank_part
 from sagan.inception import Inception
-from sagan.sampling import rank_part
 
 log = logging.getLogger("sagan")
 
@@ -39,14 +38,18 @@ class ReferenceStatsError(ValueError):
 class Reference:
     """Statistics of reference images: mean and covariance of their Inception pool3 features (float64), and the
     features themselves when they were computed here (KID and precision/recall need them; a statistics file has none).
+
+    On ranks other than 0, `mu`, `sigma` and `features` are None: only rank 0 computes metrics.
     """
 
     description: str  # what the protocol line names: "cifar10-train", a folder, a .npz file
-    mu: np.ndarray
-    sigma: np.ndarray
+    mu: np.ndarray | None
+    sigma: np.ndarray | None
     num_images: int | None  # None: a statistics file that does not say
     features: torch.Tensor | None = None
+    resolution: int | None = None  # the size the images were prepared at, when known
     cached: bool = False  # read from the cache, not computed now
+    is_file: bool = False  # a statistics file: no features, ever
 
 
 def default_cache_root() -> str:
@@ -54,12 +57,20 @@ def default_cache_root() -> str:
     return os.environ.get("SAGAN_CACHE", str(Path.home() / ".cache" / "sagan" / "reference_stats"))
 
 
-def cache_key(dataset: Dataset, resolution: int, limit: int | None, seed: int) -> str:
-    """The cache name of a dataset's statistics: its identity, the resolution its images are prepared at, and the
-    subset (`limit` images drawn with `seed`; the seed does not matter when all images are used)."""
-    n = len(dataset)
-    subset = ("all",) if limit is None or limit >= n else (limit, seed)
-    return "sagan-ref-" + hashlib.sha1(repr((dataset_identity(dataset), resolution, subset)).encode()).hexdigest()[:16]
+def weights_identity(weights: str | None) -> tuple:
+    """Which Inception network the features come from: torch-fidelity's download, or a local file (path and size)."""
+    if weights is None:
+        return ("torch-fidelity download",)
+    path = Path(weights).expanduser().resolve()
+    return (str(path), path.stat().st_size)
+
+
+def cache_key(dataset: Dataset, resolution: int, limit: int | None, seed: int, weights: str | None) -> str:
+    """The cache name of a dataset's statistics: its identity, the resolution its images are prepared at, the subset
+    (`limit` images drawn with `seed`; the seed does not matter when all images are used) and the Inception weights."""
+    subset = ("all",) if limit is None or limit >= len(dataset) else (limit, seed)
+    parts = (dataset_identity(dataset), resolution, subset, weights_identity(weights))
+    return "sagan-ref-" + hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
 
 
 def dataset_features(
@@ -72,14 +83,14 @@ def dataset_features(
     batch_size: int,
     num_workers: int,
     what: str,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inception features of a dataset's images (all, or a seeded subset of `limit`): every rank extracts its part,
-    and every rank returns all of them, in the subset's order."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Inception features of a dataset's images (all, or a seeded subset of `limit`), in the subset's order: every
+    rank extracts its part; rank 0 returns all of them, the others None."""
     images = ImageSubset(dataset, limit=limit, seed=seed)
     part = rank_part(len(images), world.rank, world.size)
     loader = DataLoader(Subset(images, part), batch_size=batch_size, num_workers=num_workers)
-    pool, logits = inception.features(_unwrapped(loader), total=len(part), what=what, report=world.main)
-    return all_gather_rows(pool, world), None if logits is None else all_gather_rows(logits, world)
+    pool, logits = inception.features(_unwrapped(loader), total=len(part), what=what, world=world, overall=len(images))
+    return gather_rows(pool, world), None if logits is None else gather_rows(logits, world)
 
 
 def _unwrapped(loader: DataLoader):
@@ -103,77 +114,96 @@ def dataset_reference(
     resolution: int,
     limit: int | None,
     seed: int,
+    weights: str | None,
     cache_root: str,
     world: World,
     batch_size: int,
     num_workers: int = 0,
     need_features: bool = False,
 ) -> Reference:
-    """The reference statistics of a dataset's images (and with `need_features` their features), from the cache or
-    computed (on every rank, then cached by rank 0, features included)."""
-    path = Path(cache_root).expanduser() / f"{cache_key(dataset, resolution, limit, seed)}.npz"
+    """The reference statistics of a dataset's images (and with `need_features` their features): read from the cache
+    by rank 0, or computed by all ranks and cached by rank 0 (features included)."""
+    n = min(len(dataset), limit or len(dataset))
+    path = Path(cache_root).expanduser() / f"{cache_key(dataset, resolution, limit, seed, weights)}.npz"
+    reference = Reference(description, None, None, n, resolution=resolution)
     if broadcast_object(path.is_file(), world):
         log.info(f"reference statistics of {description}: cached in {path}")
-        with np.load(path) as saved:  # an .npz reads each array only when asked for it
-            features = torch.from_numpy(saved["features"]) if need_features else None
-            return Reference(description, saved["mu"], saved["sigma"], int(saved["num_images"]), features, cached=True)
-    n = min(len(dataset), limit or len(dataset))
+        if world.main:
+            with np.load(path) as saved:  # an .npz reads each array only when asked for it
+                reference.mu, reference.sigma = saved["mu"], saved["sigma"]
+                reference.features = torch.from_numpy(saved["features"]) if need_features else None
+        reference.cached = True
+        return reference
     log.info(f"reference statistics of {description} ({n} images): computing, then cached in {path}")
     features, _ = dataset_features(
-        dataset,
-        inception,
-        limit=limit,
-        seed=seed,
-        world=world,
-        batch_size=batch_size,
-        num_workers=num_workers,
+        dataset, inception, limit=limit, seed=seed, world=world, batch_size=batch_size, num_workers=num_workers,
         what="reference images",
-    )
-    mu, sigma = statistics(features)
+    )  # fmt: skip
     if world.main:
+        reference.mu, reference.sigma = statistics(features)
+        reference.features = features
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.savez(buffer, mu=mu, sigma=sigma, num_images=len(features), features=features.numpy())
-        atomic_write(path, buffer.getvalue())
-    barrier(world)
-    return Reference(description, mu, sigma, len(features), features)
+        with atomic_file(path) as f:
+            np.savez(
+                f,
+                mu=reference.mu,
+                sigma=reference.sigma,
+                num_images=n,
+                resolution=resolution,
+                features=features.numpy(),
+            )
+    barrier(world)  # the others go on once the cache is written
+    return reference
 
 
 def load_reference_file(path: str | Path) -> Reference:
-    """Statistics from a `.npz` file with `mu` (D,) and `sigma` (D, D), D = 2048 (and, if it says, `num_images`)."""
+    """Statistics from a `.npz` file with `mu` (D,) and `sigma` (D, D), D = 2048 (and, if it says, `num_images` and
+    `resolution`)."""
     path = Path(path).expanduser()
+    if not path.is_file():
+        raise ReferenceStatsError(f"statistics file '{path}' does not exist")
+    if not zipfile.is_zipfile(path):  # an .npz is a zip archive of .npy arrays
+        raise ReferenceStatsError(f"'{path}' is not an .npz archive: give a .npz file with mu and sigma (np.savez)")
     try:
-        saved = np.load(path)
-    except (OSError, ValueError) as err:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {k: saved[k] for k in saved.files if k in ("mu", "sigma", "num_images", "resolution")}
+    except (OSError, ValueError, zipfile.BadZipFile):
         raise ReferenceStatsError(
-            f"cannot read statistics file '{path}' ({err}): give a .npz file with mu and sigma"
+            f"cannot read the arrays of '{path}': give a .npz of plain numeric arrays mu and sigma"
         ) from None
-    with saved:
-        missing = [k for k in ("mu", "sigma") if k not in saved.files]
-        if missing:
-            raise ReferenceStatsError(
-                f"statistics file '{path}' has no {' or '.join(missing)} (it holds {', '.join(saved.files) or 'nothing'}): "
-                "give a .npz file with mu and sigma, as pytorch-fid and `sagan-fid save_ref=` write"
-            )
-        mu, sigma = saved["mu"], saved["sigma"]
-        num_images = int(saved["num_images"]) if "num_images" in saved.files else None
+    missing = [k for k in ("mu", "sigma") if k not in arrays]
+    if missing:
+        raise ReferenceStatsError(
+            f"statistics file '{path}' has no {' or '.join(missing)}: give a .npz file with mu and sigma, as pytorch-fid "
+            "and `sagan-fid save_ref=` write"
+        )
+    mu, sigma = arrays["mu"], arrays["sigma"]
     if mu.shape != (FEATURES,) or sigma.shape != (FEATURES, FEATURES):
         raise ReferenceStatsError(
             f"statistics file '{path}' holds mu {mu.shape} and sigma {sigma.shape}, not ({FEATURES},) and "
             f"({FEATURES}, {FEATURES}): it is not made of Inception pool3 features"
         )
-    return Reference(str(path), mu.astype(np.float64), sigma.astype(np.float64), num_images)
+    num_images = int(arrays["num_images"]) if "num_images" in arrays else None
+    resolution = int(arrays["resolution"]) if "resolution" in arrays else None
+    return Reference(
+        str(path), mu.astype(np.float64), sigma.astype(np.float64), num_images, resolution=resolution, is_file=True
+    )
 
 
-def save_reference_file(path: str | Path, reference: Reference) -> Path:
-    """Write `mu`, `sigma` and `num_images` to a `.npz` file (written whole or not at all)."""
-    if reference.num_images is None:
-        raise ReferenceStatsError(f"save_ref={path}: only statistics computed from images here can be saved")
+def check_save_path(path: str | Path) -> Path:
+    """Where `save_ref=` writes, refused before any work if it cannot be a statistics file."""
     path = Path(path).expanduser()
     if path.suffix != ".npz":
         raise ReferenceStatsError(f"save_ref={path}: the statistics file must end in .npz")
+    return path
+
+
+def save_reference_file(path: str | Path, reference: Reference) -> Path:
+    """Write `mu`, `sigma`, `num_images` and `resolution` to a `.npz` file (whole or not at all); rank 0's reference."""
+    path = check_save_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, mu=reference.mu, sigma=reference.sigma, num_images=reference.num_images)
-    atomic_write(path, buffer.getvalue())
+    with atomic_file(path) as f:
+        np.savez(
+            f, mu=reference.mu, sigma=reference.sigma, num_images=reference.num_images, resolution=reference.resolution
+        )
     return path

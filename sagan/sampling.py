@@ -3,12 +3,15 @@ same checkpoint, seed, count and class choice give the same images everywhere (a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from sagan.images import to_uint8
+from sagan.precision import full_precision
 
 
 def labels_for(n: int, num_classes: int, choice: str | None, generator: torch.Generator) -> torch.Tensor | None:
@@ -27,26 +30,26 @@ def labels_for(n: int, num_classes: int, choice: str | None, generator: torch.Ge
     return torch.full((n,), int(choice))
 
 
-def rank_part(n: int, rank: int, world_size: int) -> range:
-    """The contiguous part of n items that `rank` of `world_size` takes (the first ranks take one more if needed)."""
-    share, extra = divmod(n, world_size)
-    start = rank * share + min(rank, extra)
-    return range(start, start + share + (rank < extra))
-
-
 def latents(
     n: int, G: nn.Module, *, seed: int, choice: str | None = None, truncation: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The n seeded latents (n, z_dim) of G, from N(0, I) or truncated to [-truncation, truncation], and their labels."""
+    """The n seeded latents (n, z_dim) of G, from N(0, I) or truncated to [-truncation, truncation], and their labels.
+
+    Latents and labels come from two generators, each drawing in order, so latent and label i are the same for any
+    n > i: the first images of a larger sample are the images of a smaller one.
+    """
     generator = torch.Generator().manual_seed(seed)
-    z = torch.empty(n, G.z_dim)
     if truncation is None:
-        z.normal_(generator=generator)
+        z = torch.empty(n, G.z_dim).normal_(generator=generator)
     else:
         if truncation <= 0:
             raise ValueError(f"truncation must be > 0, got {truncation}")
-        torch.nn.init.trunc_normal_(z, a=-truncation, b=truncation, generator=generator)
-    return z, labels_for(n, G.num_classes, choice, generator)
+        # Inverse CDF of uniform draws (in order, unlike torch's trunc_normal_, whose draws depend on n).
+        low = 0.5 * (1 + math.erf(-truncation / math.sqrt(2)))
+        p = low + torch.rand(n, G.z_dim, generator=generator, dtype=torch.float64) * (1 - 2 * low)
+        z = (math.sqrt(2) * torch.erfinv(2 * p - 1)).clamp(-truncation, truncation).float()
+    label_seed = int(np.random.SeedSequence([seed, 1]).generate_state(1, dtype=np.uint64)[0])
+    return z, labels_for(n, G.num_classes, choice, torch.Generator().manual_seed(label_seed))
 
 
 def draw_batches(
@@ -93,7 +96,10 @@ def draw(
 
 @torch.no_grad()
 def _generate(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None, part: range, batch: int) -> Iterator[torch.Tensor]:
+    """In true fp32 (TF32 off): a sampling command and training's evaluation (which turned TF32 on) draw the same."""
     device = next(G.parameters()).device
     for i in range(part.start, part.stop, batch):
         j = min(i + batch, part.stop)
-        yield to_uint8(G(z[i:j].to(device), None if y is None else y[i:j].to(device))).cpu()
+        with full_precision():
+            images = G(z[i:j].to(device), None if y is None else y[i:j].to(device))
+        yield to_uint8(images).cpu()

@@ -7,9 +7,9 @@ while the others wait for it where they must. Evaluation generates its samples o
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from sagan.dist import (
     broadcast_object,
     init_distributed,
     leave_distributed,
+    main_rank_first,
     rank_seed,
     resolve_perf,
     rng_state,
@@ -36,11 +37,11 @@ from sagan.dist import (
     world_from_env,
 )
 from sagan.inception import Inception
-from sagan.metrics import classifier_missing, evaluate_generator
+from sagan.metrics import evaluate_generator, inception_score_allowed
 from sagan.models import attention_gammas, build_models, spectral_sigmas
 from sagan.preemption import StopRequest
 from sagan.progress import Progress
-from sagan.reference_stats import dataset_reference, default_cache_root
+from sagan.reference_stats import Reference, dataset_reference, default_cache_root
 from sagan.run_logger import RunLogger
 from sagan.sync_batchnorm import use_sync_batchnorm
 from sagan.trainer import Diverged, Trainer
@@ -72,11 +73,10 @@ def training_loop(cfg: DictConfig, run_dir: Path, world: World, device: torch.de
             losses.add(trainer.train_step(run.stream))
             step = trainer.step
             stopping = vote.poll(stop.signal is not None)
-
-            def due(every: int) -> bool:
-                return step % every == 0 or step == steps
-
-            log_due, ckpt_due = due(cfg.logger.log_every), due(cfg.train.ckpt_every) or stopping
+            log_due, ckpt_due = (
+                due(step, cfg.logger.log_every, steps),
+                due(step, cfg.train.ckpt_every, steps) or stopping,
+            )
             # NaN/Inf are checked when the host reads from the device anyway, and always before a checkpoint.
             problem = trainer.nonfinite() if log_due or ckpt_due else None
             if problem is not None:
@@ -88,9 +88,13 @@ def training_loop(cfg: DictConfig, run_dir: Path, world: World, device: torch.de
                 losses = LossSums()
                 run.log_step(step, last)
             # When stopping, only the checkpoint: the launcher's grace period (torchrun: 30 s) may be short.
-            if due(cfg.logger.image_every) and not stopping:
+            if due(step, cfg.logger.image_every, steps) and not stopping:
                 scores = run.images(step)
-            improved = run.evaluate(step) if run.evaluator is not None and due(cfg.eval.every) and not stopping else False
+            improved = (
+                run.evaluate(step)
+                if run.evaluator is not None and due(step, cfg.eval.every, steps) and not stopping
+                else False
+            )
             if ckpt_due or improved:
                 run.checkpoint(best=improved)
             if stopping:
@@ -99,6 +103,11 @@ def training_loop(cfg: DictConfig, run_dir: Path, world: World, device: torch.de
     vote.close()
     run.finish()
     return {"step": trainer.step, **last, **scores}
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether work done every `every` steps (and at the last step) is due at `step`."""
+    return step % every == 0 or step == last
 
 
 class LossSums:
@@ -129,10 +138,14 @@ class Run:
         perf = resolve_perf(cfg.perf, device)
         dataset = training_data(cfg, world)
         if cfg.model.conditional and dataset.num_classes == 0:
-            raise ValueError(f"model.conditional=true needs labelled data, but data '{cfg.data.name}' has no classes: set model.conditional=false")
+            raise ValueError(
+                f"model.conditional=true needs labelled data, but data '{cfg.data.name}' has no classes: set model.conditional=false"
+            )
         num_classes = dataset.num_classes if cfg.model.conditional else 0
         self.trainer = build_trainer(cfg, num_classes, world, device, perf)
-        seed_everything(rank_seed(cfg.train.seed, world.rank))  # anything random beyond latents and data differs per rank
+        seed_everything(
+            rank_seed(cfg.train.seed, world.rank)
+        )  # anything random beyond latents and data differs per rank
         num_workers = default_num_workers() if cfg.data.num_workers is None else cfg.data.num_workers
         self.stream = BatchStream(
             dataset, batch_size=cfg.train.batch_size // world.size, seed=cfg.train.seed, device=device, hflip=cfg.data.hflip,
@@ -143,7 +156,9 @@ class Run:
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.best_fid = math.inf  # of the evaluations so far; best.pt holds that model
         self.rollbacks = 0  # NaN rollbacks so far (checkpointed: the bound holds across resumes)
-        self.evaluator = make_evaluator(cfg, self.trainer, dataset, device, world, num_workers) if cfg.eval.every > 0 else None
+        self.evaluator = (
+            Evaluator(cfg, self.trainer, dataset, device, world, num_workers) if cfg.eval.every > 0 else None
+        )
 
         path = broadcast_object(resume_path(cfg.train.resume, self.ckpt_dir), world)  # rank 0's choice for all
         if path is not None:
@@ -161,11 +176,13 @@ class Run:
             # starts afresh) are logged again by this run.
             self.logger.drop_after(self.trainer.step if path is not None else -1)
             images_per_step = cfg.train.batch_size * cfg.optim.n_dis
-            self.progress = Progress(what="step", start=self.trainer.step, total=cfg.train.steps, images_per_item=images_per_step)
+            self.progress = Progress(
+                what="step", start=self.trainer.step, total=cfg.train.steps, images_per_item=images_per_step
+            )
         G, D = self.trainer.G, self.trainer.D
         log.info(
-            f"run directory: {run_dir.resolve()} | {world.size} process(es), device {device} | G {num_params(G)/1e6:.2f}M "
-            f"D {num_params(D)/1e6:.2f}M parameters | {', '.join(f'{k} {v}' for k, v in perf.items())}"
+            f"run directory: {run_dir.resolve()} | {world.size} process(es), device {device} | G {num_params(G) / 1e6:.2f}M "
+            f"D {num_params(D) / 1e6:.2f}M parameters | {', '.join(f'{k} {v}' for k, v in perf.items())}"
         )
         log.info(f"data: {describe_dataset(dataset, cfg.data.name)}, {cfg.model.resolution} px")
         self.warned: set[str] = set()  # attention layers already reported as never switched on
@@ -204,7 +221,9 @@ class Run:
         state = load_checkpoint(path)
         check_same_model(state["model"], self.model, path)
         if "lr_scale" not in state["trainer"]:  # written before the factor was kept: the learning rate tells it
-            state["trainer"]["lr_scale"] = state["trainer"]["opt_d"]["param_groups"][0]["lr"] / state["config"]["optim"]["lr_d"]
+            state["trainer"]["lr_scale"] = (
+                state["trainer"]["opt_d"]["param_groups"][0]["lr"] / state["config"]["optim"]["lr_d"]
+            )
         self.trainer.load_state_dict(state["trainer"])
         self.stream.load_state_dict(state["data"])
         set_rng_state(state["rng"])  # rank 0's
@@ -254,7 +273,9 @@ class Run:
         metrics = self.evaluator()
         if self.logger is not None:
             self.logger.log_scalars(step, {f"metrics/{k}": v for k, v in metrics.items()})
-        log.info(f"step {step}: {' '.join(f'{k} {v:.3f}' for k, v in metrics.items())} ({self.cfg.eval.num_samples} samples)")
+        log.info(
+            f"step {step}: {' '.join(f'{k} {v:.3f}' for k, v in metrics.items())} ({self.cfg.eval.num_samples} samples)"
+        )
         improved = metrics["fid"] < self.best_fid
         self.best_fid = min(self.best_fid, metrics["fid"])
         return improved
@@ -296,25 +317,23 @@ class Run:
 
 def training_data(cfg: DictConfig, world: World) -> Any:
     """The training set. Rank 0 builds it first (and downloads it, if asked), the others once it is there."""
-    if not world.main:
-        barrier(world)  # paired with rank 0's barrier below
-    dataset = build_dataset(
-        cfg.data.name,
-        root=cfg.data.root,
-        resolution=cfg.model.resolution,
-        download=cfg.data.download and world.main,
-        labels=cfg.model.conditional,
-        split=cfg.data.split,
-        skip_bad=cfg.data.skip_bad,
-        size=cfg.data.size,
-        seed=cfg.train.seed,
-    )
-    if world.main:
-        barrier(world)
-    return dataset
+    with main_rank_first(world):
+        return build_dataset(
+            cfg.data.name,
+            root=cfg.data.root,
+            resolution=cfg.model.resolution,
+            download=cfg.data.download and world.main,
+            labels=cfg.model.conditional,
+            split=cfg.data.split,
+            skip_bad=cfg.data.skip_bad,
+            size=cfg.data.size,
+            seed=cfg.train.seed,
+        )
 
 
-def build_trainer(cfg: DictConfig, num_classes: int, world: World, device: torch.device, perf: dict[str, Any]) -> Trainer:
+def build_trainer(
+    cfg: DictConfig, num_classes: int, world: World, device: torch.device, perf: dict[str, Any]
+) -> Trainer:
     G, D = build_models(cfg.model, num_classes)
     if cfg.dist.sync_bn:
         use_sync_batchnorm(G)
@@ -355,36 +374,47 @@ def resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
     return Path(resume).expanduser()
 
 
-def make_evaluator(
-    cfg: DictConfig, trainer: Trainer, dataset: Any, device: torch.device, world: World, num_workers: int
-) -> Callable[[], dict[str, float]]:
+class Evaluator:
     """FID (and IS) of G_ema's samples against the training images (`sagan-fid ref=train` evaluates the same way),
     with the reference statistics from the shared cache. The Inception network and the reference are prepared at the
     first evaluation; every rank generates and runs Inception on its part of the samples."""
-    weights = cfg.metrics.inception_weights
-    isc = cfg.eval.isc and not classifier_missing(weights)
-    if cfg.eval.isc and not isc:
-        log.warning(f"eval: IS skipped, the classifier in '{weights}' is all zeros (IS would always be 1.0); FID only")
-    prepared: dict[str, Any] = {}
 
-    def evaluate() -> dict[str, float]:
-        if not prepared:
-            if not world.main:
-                barrier(world)  # rank 0 downloads the Inception weights (if it must) before the others read them
-            prepared["inception"] = Inception(weights=weights, device=device, logits=isc)
-            if world.main:
-                barrier(world)
-            prepared["reference"] = dataset_reference(
-                dataset, prepared["inception"], description="train", resolution=cfg.model.resolution,
-                limit=cfg.eval.ref_images, seed=cfg.train.seed, cache_root=cfg.metrics.cache_dir or default_cache_root(),
-                world=world, batch_size=cfg.metrics.batch_size, num_workers=num_workers,
+    def __init__(
+        self, cfg: DictConfig, trainer: Trainer, dataset: Any, device: torch.device, world: World, num_workers: int
+    ) -> None:
+        self.cfg, self.trainer, self.dataset, self.device, self.world, self.num_workers = (
+            cfg,
+            trainer,
+            dataset,
+            device,
+            world,
+            num_workers,
+        )
+        self.isc = inception_score_allowed(cfg.eval.isc, cfg.metrics.inception_weights)
+        self.inception: Inception | None = None
+        self.reference: Reference | None = None
+
+    def __call__(self) -> dict[str, float]:
+        cfg, world = self.cfg, self.world
+        weights = cfg.metrics.inception_weights
+        if self.inception is None:
+            with main_rank_first(
+                world
+            ):  # rank 0 downloads the Inception weights (if it must) before the others read them
+                self.inception = Inception(weights=weights, device=self.device, logits=self.isc)
+            self.reference = dataset_reference(
+                self.dataset, self.inception, description="train", resolution=cfg.model.resolution,
+                limit=cfg.eval.ref_images, seed=cfg.train.seed, weights=weights,
+                cache_root=cfg.metrics.cache_dir or default_cache_root(), world=world, batch_size=cfg.metrics.batch_size,
+                num_workers=self.num_workers,
             )  # fmt: skip
+        # A copy in the default memory format: G_ema trains channels_last (perf.channels_last), which rounds some
+        # convolutions differently, and `sagan-fid` evaluates the checkpoint in the default format.
+        G = copy.deepcopy(self.trainer.ema_generator()).to(memory_format=torch.contiguous_format)
         return evaluate_generator(
-            trainer.ema_generator(), prepared["reference"], prepared["inception"], n=cfg.eval.num_samples,
-            seed=cfg.train.seed, batch_size=cfg.metrics.batch_size, world=world, isc=isc,
+            G, self.reference, self.inception, n=cfg.eval.num_samples, seed=cfg.train.seed,
+            batch_size=cfg.metrics.batch_size, world=world, fid=True, isc=self.isc,
         )  # fmt: skip
-
-    return evaluate
 
 
 def training_scalars(trainer: Trainer) -> dict[str, float]:

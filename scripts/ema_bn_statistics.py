@@ -51,7 +51,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         demo = MirrorShapes(size=10_000, resolution=32, seed=0, labels=False)  # `sagan-fid ref=demo ref_n=N`
         reference = dataset_reference(
-            demo, inception, description="demo", resolution=32, limit=args.n, seed=0, cache_root=cache, world=SINGLE, batch_size=100
+            demo, inception, description="demo", resolution=32, limit=args.n, seed=0, weights=args.weights, cache_root=cache,
+            world=SINGLE, batch_size=100,
         )
         for path in args.ckpts:
             state = load_checkpoint(path)

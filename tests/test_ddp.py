@@ -16,9 +16,10 @@ from conftest import TINY, compose_config
 from sagan.checkpoint import load_checkpoint
 from sagan.cli import parse_args
 from sagan.config import check_config
-from sagan.fid import FidArgs, evaluate
-from sagan.dist import rank_seed
-from sagan.sampling import draw, rank_part
+from sagan.evaluation import evaluate
+from sagan.fid import FidArgs
+from sagan.dist import rank_part, rank_seed
+from sagan.sampling import draw
 from sagan.models import build_models
 from sagan.sync_batchnorm import SyncBatchNorm2d, use_sync_batchnorm
 from sagan.training import train
@@ -174,11 +175,12 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
         pytest.skip("needs the offline FID Inception weights (SAGAN_FID_WEIGHTS)")
     train(compose_config(*RUN, "train.steps=1", "model.conditional=true"), tmp_path / "run")
     args = [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", "ref=train", "n=21", "isc=false", "kid=true",
-            f"metrics.inception_weights={weights}", f"metrics.cache_dir={tmp_path / 'cache'}", "device=cpu"]  # fmt: skip
-    torchrun("-m", "sagan.fid", *args, f"out={tmp_path / 'two.json'}", cwd=tmp_path)
+            f"metrics.inception_weights={weights}", "device=cpu"]  # fmt: skip
+    # Separate caches: both compute their reference features (the two processes each half of them, gathered).
+    torchrun("-m", "sagan.fid", *args, f"metrics.cache_dir={tmp_path / 'two'}", f"out={tmp_path / 'two.json'}", cwd=tmp_path)
     two = json.loads((tmp_path / "two.json").read_text())
-    one = evaluate(parse_args(FidArgs, [*args, f"out={tmp_path / 'one.json'}"]))
-    assert one["reference_cached"]  # statistics the two processes computed together and cached
+    one = evaluate(parse_args(FidArgs, [*args, f"metrics.cache_dir={tmp_path / 'one'}", f"out={tmp_path / 'one.json'}"]))
+    assert not one["reference_cached"] and not two["reference_cached"]
     for key in ("fid", "kid"):
         assert abs(two["metrics"][key] - one["metrics"][key]) < 1e-4 * max(1.0, abs(one["metrics"][key])), key
 

@@ -103,3 +103,27 @@ def test_gpu_resident_data_feeds_the_step():
     trainer = Trainer(G, D, device="cuda", precision="bf16", channels_last=True, fused_adam=True)
     trainer.train_step(stream)
     assert trainer.step == 1
+
+
+def test_evaluation_during_training_equals_sagan_fid_on_the_gpu(tmp_path):
+    """On CUDA training turns TF32 on and trains G_ema channels_last; evaluation must still match `sagan-fid`."""
+    import json
+    import os
+
+    from sagan.cli import parse_args
+    from sagan.evaluation import evaluate
+    from sagan.fid import FidArgs
+    from sagan.training import train
+
+    weights = os.environ.get("SAGAN_FID_WEIGHTS")
+    if not weights:
+        pytest.skip("needs the offline FID Inception weights (SAGAN_FID_WEIGHTS)")
+    cache = f"metrics.cache_dir={tmp_path / 'cache'}"
+    cfg = compose_config("experiment=demo", "model.g_ch=8", "model.d_ch=8", "data.size=64", "train.batch_size=8",
+                         "train.steps=2", "train.ckpt_every=2", "eval.every=2", "eval.num_samples=20",
+                         "eval.ref_images=16", "logger.mode=disabled", "device=cuda", f"metrics.inception_weights={weights}", cache)  # fmt: skip
+    train(cfg, tmp_path / "run")
+    logged = next(json.loads(r)["metrics/fid"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "metrics/fid" in r)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000002.pt"
+    args = [f"ckpt={ckpt}", "ref=train", "n=20", "seed=0", "isc=false", "device=cuda", f"metrics.inception_weights={weights}", cache]
+    assert abs(evaluate(parse_args(FidArgs, args))["metrics"]["fid"] - logged) < 1e-4

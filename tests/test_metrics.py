@@ -14,9 +14,19 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 
 from sagan.checkpoint import load_checkpoint
 from sagan.cli import parse_args
-from sagan.fid import FidArgs, evaluate
+from sagan.evaluation import evaluate
+from sagan.fid import FidArgs
 from sagan.inception import Inception
-from sagan.metrics import MetricsError, check_request, classifier_missing, compute_metrics, kid_subset, report, Protocol
+from sagan.metrics import (
+    MetricsError,
+    Protocol,
+    check_request,
+    classifier_missing,
+    compute_metrics,
+    inception_score_allowed,
+    kid_subset,
+    report,
+)
 from sagan.reference_stats import Reference, ReferenceStatsError, load_reference_file
 from sagan.training import train
 
@@ -55,13 +65,16 @@ def zero_classifier_weights(tmp_path):
     return str(path)
 
 
-def test_inception_score_is_refused_with_an_all_zero_classifier(tmp_path):
+def test_inception_score_is_skipped_with_an_all_zero_classifier(tmp_path, caplog):
     weights = zero_classifier_weights(tmp_path)
     assert classifier_missing(weights)
     torch.save({"fc.weight": torch.ones(2, 2)}, tmp_path / "real.pth")
     assert not classifier_missing(str(tmp_path / "real.pth")) and not classifier_missing(None)
-    with pytest.raises(MetricsError, match="Inception Score refused.*all zeros"):
-        check_request(fid=False, isc=True, kid=False, prc=False, weights=weights, reference=None)
+    assert not inception_score_allowed(True, weights) and "IS skipped" in caplog.text and "all zeros" in caplog.text
+    assert inception_score_allowed(True, str(tmp_path / "real.pth")) and not inception_score_allowed(False, None)
+    images_only = Reference("r", np.zeros(2048), np.eye(2048), 40)
+    with pytest.raises(MetricsError, match="no metric asked for"):  # IS was the only metric, and it is skipped
+        check_request(fid=False, isc=False, kid=False, prc=False, n=10, reference=images_only, kid_subset_size=None)
 
 
 def test_kid_subsets_are_smaller_than_the_sets_and_spread_shown_only_then():
@@ -80,12 +93,17 @@ def test_kid_subsets_are_smaller_than_the_sets_and_spread_shown_only_then():
     assert "±" in report(halves, protocol) and "±" not in report(whole, protocol)
 
 
-def test_metrics_against_a_statistics_file_refuse_kid_and_precision_recall():
-    stats_only = Reference("stats.npz", np.zeros(2048), np.eye(2048), None)
+def test_requests_that_cannot_be_computed_are_refused_before_any_image_is_made():
+    stats_only = Reference("stats.npz", np.zeros(2048), np.eye(2048), None, is_file=True)
+    common = dict(fid=True, isc=False, n=500, kid_subset_size=None)
     with pytest.raises(MetricsError, match="KID needs the reference images' features.*stats.npz.*kid=true"):
-        check_request(fid=True, isc=False, kid=True, prc=False, weights=None, reference=stats_only)
+        check_request(kid=True, prc=False, reference=stats_only, **common)
     with pytest.raises(MetricsError, match="precision/recall needs"):
-        check_request(fid=True, isc=False, kid=False, prc=True, weights=None, reference=stats_only)
+        check_request(kid=False, prc=True, reference=stats_only, **common)
+    images = Reference("folder", None, None, 300)  # what a rank other than 0 holds: the count, not the statistics
+    check_request(kid=True, prc=True, reference=images, **common)
+    with pytest.raises(MetricsError, match="at most the smaller set"):
+        check_request(kid=True, prc=False, reference=images, fid=True, isc=False, n=500, kid_subset_size=400)
 
 
 def test_inception_runs_without_tf32_and_training_flags_come_back():
@@ -163,17 +181,18 @@ def test_a_bad_statistics_file_is_one_line_and_a_non_zero_exit(tmp_path):
     ("sagan.sample", ["ckpt", "n", "class", "truncation"]),
     ("sagan.attention", ["ckpt", "query", "ema"]),
 ])  # fmt: skip
-def test_every_command_explains_itself_with_help(module, keys, capsys):
+def test_every_command_explains_itself_with_help(module, keys, capsys, monkeypatch):
     command = importlib.import_module(module)
-    schema = {"sagan.fid": "FidArgs", "sagan.sample": "SampleArgs", "sagan.attention": "AttentionArgs"}[module]
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
     with pytest.raises(SystemExit) as exit_:
-        parse_args(getattr(command, schema), ["--help"], doc=command.__doc__)
+        command.main()
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert command.__doc__.strip().splitlines()[0] in text and "ckpt=outputs/run/checkpoints/last.pt" in text  # examples
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
     for key in keys:
         assert key in rows and len(rows[key].split()) >= 3, (key, rows.get(key))  # name, default, meaning
+    assert "true" in rows["ema"] and "True" not in rows["ema"]  # booleans as users type them
 
 
 @needs_weights
@@ -182,7 +201,7 @@ def test_fid_of_a_set_against_itself_is_zero(tmp_path):
     args = ["isc=true", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'm.json'}"]
     result = evaluate(fid_args(f"gen={tmp_path / 'a'}", f"ref={tmp_path / 'a'}", *args))
     assert abs(result["metrics"]["fid"]) < 1e-2
-    assert result["is_refused"].startswith("IS refused") and "is" not in result["metrics"]  # shared weights: no IS
+    assert result["isc_skipped"] and "is" not in result["metrics"]  # the offline weights have no classifier: no IS
     written = json.loads((tmp_path / "m.json").read_text())
     assert written["protocol"]["num_samples"] == 24 and written["protocol"]["feature_extractor"] == "inception-v3-compat"
 
@@ -206,12 +225,14 @@ def test_in_training_fid_equals_sagan_fid_of_the_checkpoint_with_the_cached_refe
     """The one evaluation path: FID logged at step 2 equals `sagan-fid ckpt=<step 2> ref=train` with the same n,
     reference subset and seed, and sagan-fid reads the statistics training cached."""
     cache = f"metrics.cache_dir={tmp_path / 'cache'}"
-    train(tiny_cfg("train.steps=2", "train.ckpt_every=2", "eval.every=2", "eval.num_samples=20", "eval.ref_images=16",
-                   f"metrics.inception_weights={WEIGHTS}", cache), tmp_path / "run")  # fmt: skip
+    cfg = tiny_cfg("train.steps=2", "train.ckpt_every=2", "eval.every=2", "eval.num_samples=20", "eval.ref_images=16",
+                   "train.seed=3", f"metrics.inception_weights={WEIGHTS}", cache)  # fmt: skip
+    train(cfg, tmp_path / "run")
     logged = next(json.loads(r)["metrics/fid"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "metrics/fid" in r)
     caplog.set_level("INFO", logger="sagan")
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000002.pt"
-    result = evaluate(fid_args(f"ckpt={ckpt}", "ref=train", "n=20", "ref_n=16", "seed=0", "isc=false", f"metrics.inception_weights={WEIGHTS}", cache))
+    # ref=train takes the run's reference subset (eval.ref_images, drawn with train.seed); the samples' seed is ours.
+    result = evaluate(fid_args(f"ckpt={ckpt}", "ref=train", "n=20", f"seed={cfg.train.seed}", "isc=false", f"metrics.inception_weights={WEIGHTS}", cache))
     assert result["reference_cached"] and "reference statistics of train: cached in" in caplog.text
     assert abs(result["metrics"]["fid"] - logged) < 1e-4, (result["metrics"]["fid"], logged)
     assert "generated images 20/20 |" in caplog.text and "img/s" in caplog.text  # progress is shown

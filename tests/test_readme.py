@@ -13,7 +13,8 @@ import pytest
 from conftest import compose_config
 from sagan.attention import AttentionArgs, render_checkpoint
 from sagan.cli import check_composes, parse_args
-from sagan.fid import FidArgs, evaluate
+from sagan.evaluation import evaluate
+from sagan.fid import FidArgs
 from sagan.sample import SampleArgs, sample
 from sagan.training import train
 

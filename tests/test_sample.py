@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 import torch
@@ -6,7 +7,7 @@ from PIL import Image
 from sagan.cli import parse_args
 from sagan.models import Generator
 from sagan.sample import SampleArgs, sample
-from sagan.sampling import draw
+from sagan.sampling import draw, latents
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +78,21 @@ def test_cli_class_argument(conditional_ckpt, tmp_path):
     assert np.load(tmp_path / "samples.npz")["labels"].tolist() == [2, 2, 2]
     bad = subprocess.run([*cmd[:-2], "class=7"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("error: class must be 'all' or an index")
+
+
+def test_the_first_images_of_a_larger_sample_are_the_images_of_a_smaller_one():
+    """Latents and labels are drawn in order from their own generators: `sagan-sample n=8` shows the first 8 images
+    `sagan-fid n=50000` evaluates, with the same classes."""
+    G = Generator(z_dim=16, ch=4, resolution=32, attn_resolutions=(), num_classes=10).eval()
+    small, y_small = draw(G, 8, seed=5)
+    large, y_large = draw(G, 64, seed=5)
+    assert torch.equal(small, large[:8]) and torch.equal(y_small, y_large[:8])
+    z_small, _ = latents(8, G, seed=5, truncation=0.5)
+    z_large, _ = latents(64, G, seed=5, truncation=0.5)
+    assert torch.equal(z_small, z_large[:8])
+    # Truncated N(0, 1) on [-0.5, 0.5]: inside the bounds, with the variance 1 - 2 t phi(t) / (2 Phi(t) - 1).
+    z, _ = latents(4000, G, seed=1, truncation=0.5)
+    t = 0.5
+    phi, Phi = math.exp(-t * t / 2) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(t / math.sqrt(2)))
+    assert z.abs().max() <= t and abs(z.mean()) < 0.01
+    assert z.var().item() == pytest.approx(1 - 2 * t * phi / (2 * Phi - 1), rel=0.02)
