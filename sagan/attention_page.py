@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from sagan.images import to_uint8
-from sagan.visualize import capture_attention_inputs
+from sagan.visualize import capture_attention_inputs, map_names
 
 PAGE_BUDGET = 3 * 2**20  # bytes of one page file: images, maps (base64: 4 bytes per 3) and the page itself
 
@@ -71,9 +71,10 @@ def layer_maps(model: nn.Module, run: Callable[[], object], prefix: str, images:
         for name, features in inputs.items():
             block = layers[name]
             H, W = features.shape[-2:]
-            maps = block.attention_maps(features.float()).float().cpu()  # (B, H*W, KH, KW)
-            maps = maps.reshape(maps.shape[0], H, W, *maps.shape[-2:])
-            out.append(LayerMaps(f"{prefix}_{name.split('.')[-1]}", H, W, float(block.gamma), maps, list(images)))
+            for head, short in enumerate(map_names(name, block)):
+                maps = block.attention_maps(features.float(), head=head).float().cpu()  # (B, H*W, KH, KW)
+                maps = maps.reshape(maps.shape[0], H, W, *maps.shape[-2:])
+                out.append(LayerMaps(f"{prefix}_{short}", H, W, float(block.gamma), maps, list(images)))
     finally:
         model.train(was_training)
     return out

@@ -10,6 +10,9 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from sagan.diffaugment import check_policy
+from sagan.models.attention_types import check_attention
+
 
 @dataclass
 class ModelConfig:
@@ -21,6 +24,11 @@ class ModelConfig:
     g_attn: list[int] = field(default_factory=lambda: [16])  # feature-map sizes that get self-attention
     d_attn: list[int] = field(default_factory=lambda: [16])
     attn_pool: int = 2  # max-pool of keys/values; 1 = none
+    # The layer at those sizes: sagan (the paper's block) | multihead | simple (no pooling, no output conv, value C) |
+    # local (a window of attn_window, relative positions) | se (squeeze-excitation) | cbam | residual (the control)
+    attn_type: str = "sagan"
+    attn_heads: int = 1  # multihead: heads the C/8 query/key and C/2 value widths are split into
+    attn_window: int = 7  # local: the side of the neighbourhood each position attends to (odd)
     g_sn: bool = True  # spectral norm in G: false runs the paper's ablation
     d_sn: bool = True
     init: str = "xavier"  # xavier (official) | orthogonal (BigGAN) | normal (N(0, 0.02))
@@ -41,6 +49,9 @@ class DataConfig:
     num_workers: Optional[int] = None  # data-loading processes; default: the CPUs this process may use, at most 8
     size: Optional[int] = None  # number of images of the generated demo set
     skip_bad: bool = False  # skip unreadable images instead of failing
+    fraction: float = 1.0  # train on a seeded subset of this fraction (0.1: a tenth), the same in every run and rank
+    augment: str = "none"  # none | diffaugment: differentiable augmentation of all D sees (real and fake, D and G steps)
+    augment_policy: list[str] = field(default_factory=lambda: ["color", "translation", "cutout"])  # DiffAugment's ops
 
 
 @dataclass
@@ -185,3 +196,9 @@ def check_config(cfg: Any, world_size: int = 1) -> None:
     for ok, message in rules:
         if not ok:
             raise ValueError(message)
+    check_attention(cfg.model.attn_type, cfg.model.attn_heads)
+    if cfg.data.augment not in ("none", "diffaugment"):
+        raise ValueError(f"unknown data.augment '{cfg.data.augment}': choose none or diffaugment")
+    check_policy(cfg.data.augment_policy)
+    if not 0 < cfg.data.fraction <= 1:
+        raise ValueError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")

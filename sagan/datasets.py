@@ -72,6 +72,11 @@ def reraise_worker_error(error: Exception) -> None:
 
 def describe_dataset(dataset: Dataset, name: str) -> str:
     """What a run trains on, for its log: the source, the number of images and the classes."""
+    if isinstance(dataset, DataFraction):
+        whole = describe_dataset(dataset.dataset, name).split(",")[0]
+        return f"{whole}, a seeded {dataset.fraction:g} of it: {len(dataset):,} of {len(dataset.dataset):,} images" + (
+            f", {dataset.num_classes} classes" if dataset.num_classes else ", unlabeled"
+        )
     source = name
     if isinstance(dataset, ImageFolder):
         source = f"folder '{dataset.root}'"
@@ -87,6 +92,8 @@ def describe_dataset(dataset: Dataset, name: str) -> str:
 def dataset_identity(dataset: Dataset) -> tuple:
     """What identifies a dataset's images (before cropping and resizing), for caches of their statistics: the same
     images give the same tuple, however the dataset was asked for (`data=` in training, `ref=` in sagan-fid)."""
+    if isinstance(dataset, DataFraction):
+        return ("fraction", dataset.fraction, len(dataset), *dataset_identity(dataset.dataset))
     if isinstance(dataset, MirrorShapes):
         return ("demo", len(dataset), dataset.seed)
     if isinstance(dataset, TorchvisionImages):
@@ -104,10 +111,11 @@ def training_dataset(config: dict, *, resolution: int, labels: bool) -> Dataset:
     """The data a run trained on, from the config its checkpoints keep (relative paths are relative to the current
     directory, as they were to the training command's). Never downloads."""
     data = config["data"]
-    return build_dataset(
+    dataset = build_dataset(
         data["name"], root=data["root"], resolution=resolution, download=False, labels=labels, split=data["split"],
         skip_bad=data.get("skip_bad", False), size=data["size"], seed=config["train"]["seed"],
     )  # fmt: skip
+    return with_fraction(dataset, data.get("fraction", 1.0))
 
 
 def native_side(dataset: Dataset) -> int | None:
@@ -117,6 +125,30 @@ def native_side(dataset: Dataset) -> int | None:
     if isinstance(dataset, TorchvisionImages):
         return min(dataset.base[0][0].size)
     return None
+
+
+class DataFraction(Dataset):
+    """A fixed fraction of a training set (data.fraction), with its labels: a seeded random subset, the same for every
+    run, seed and rank (seed 0), so runs on "10% of CIFAR-10" all see the same images."""
+
+    def __init__(self, dataset: Dataset, fraction: float) -> None:
+        if not 0 < fraction <= 1:
+            raise DatasetError(f"data.fraction must be in (0, 1], got {fraction}")
+        n = len(dataset)
+        keep = max(1, round(n * fraction))
+        self.dataset, self.fraction = dataset, fraction
+        self.indices = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(0))[:keep].tolist())
+        self.num_classes, self.classes = dataset.num_classes, getattr(dataset, "classes", [])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.dataset[self.indices[index]]
+
+
+def with_fraction(dataset: Dataset, fraction: float) -> Dataset:
+    return dataset if fraction == 1 else DataFraction(dataset, fraction)
 
 
 class ImageSubset(Dataset):

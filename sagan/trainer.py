@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from sagan.diffaugment import DiffAugment
 from sagan.images import to_float
 from sagan.dist import SINGLE, World, broadcast_buffers
 from sagan.losses import get_losses
@@ -59,6 +60,7 @@ class Trainer:
         channels_last: bool = False,
         fused_adam: bool = False,
         compile: bool = False,
+        augment: DiffAugment | None = None,
     ) -> None:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"unknown precision '{precision}': use fp32 or bf16")
@@ -109,6 +111,8 @@ class Trainer:
         # whatever the number of ranks, so its checkpoints resume on any number of them.
         self.seed = seed
         self.rng = torch.Generator(self.device).manual_seed(seed)
+        # DiffAugment of everything D sees (data.augment), or None; its random stream is checkpointed too.
+        self.augment = augment
         self.step = 0  # G steps done
         # The first step at which each loss was NaN/Inf (-1: never), kept on the device and read only by
         # `nonfinite()`: checking every step would cost a host sync per step.
@@ -145,6 +149,8 @@ class Trainer:
                 fake = self.G_fast(z_m, y_fake_m).float()
             # Real and fake in one forward: one spectral-norm power iteration per D step, as the official code does.
             y = None if y_real_m is None else torch.cat([y_real_m, y_fake_m])
+            if self.augment is not None:  # the same policy for both, each image with its own draws
+                real_m, fake = self.augment(real_m), self.augment(fake)
             images = torch.cat([real_m, fake]).contiguous(memory_format=self.memory_format)
             with torch.autocast(**self.autocast):
                 logits = self.D_train(images, y)
@@ -166,7 +172,10 @@ class Trainer:
             with power_iteration_paused(self.D):
                 for z_m, y_m in self.micro_batches(z, y):
                     with torch.autocast(**self.autocast):
-                        logits = self.D_fast(self.G_train(z_m, y_m), y_m)
+                        fake = self.G_train(z_m, y_m)
+                        if self.augment is not None:  # differentiable: G's gradients pass through it
+                            fake = self.augment(fake)
+                        logits = self.D_fast(fake, y_m)
                     loss = self.g_loss_fn(logits.float()) / self.grad_accum
                     loss.backward()
                     total += loss.detach()
@@ -187,8 +196,9 @@ class Trainer:
             torch._foreach_copy_(ema_params, params)
         else:
             torch._foreach_lerp_(ema_params, params, 1 - self.ema_decay)
-        G_buffers = dict(self.G.named_buffers())
-        torch._foreach_copy_([b for _, b in self._ema_buffers], [G_buffers[name] for name, _ in self._ema_buffers])
+        if self._ema_buffers:  # none without spectral norm in G (model.g_sn=false) and with standing statistics
+            G_buffers = dict(self.G.named_buffers())
+            torch._foreach_copy_([b for _, b in self._ema_buffers], [G_buffers[n] for n, _ in self._ema_buffers])
 
     def ema_generator(self) -> nn.Module:
         """G_ema, ready to draw samples, FID or figures, and to be saved: in eval mode, and with `ema_bn="standing"`
@@ -259,6 +269,7 @@ class Trainer:
             "rng_device": self.device.type,
             "step": self.step,
             "lr_scale": self.lr_scale,
+            **({"augment": self.augment.state_dict()} if self.augment is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -273,6 +284,8 @@ class Trainer:
         if changed:
             log.info(f"optimizer settings from the current config, not the checkpoint: {'; '.join(changed)}")
         self.step = state["step"]
+        if self.augment is not None and "augment" in state:
+            self.augment.load_state_dict(state["augment"])
         self._ema_stats_step = self.step  # the checkpoint's G_ema statistics belong to its weights
         if state["rng_device"] == self.device.type:
             self.rng.set_state(state["rng"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from sagan.batch_stream import BatchStream, default_num_workers
 from sagan.checkpoint import check_same_model, find_latest, load_checkpoint, remove_partial, save_checkpoint
 from sagan.config import check_config
-from sagan.datasets import build_dataset, describe_dataset
+from sagan.datasets import build_dataset, describe_dataset, with_fraction
 from sagan.demo_data import MirrorShapes, mirror_consistency
+from sagan.diffaugment import DiffAugment
 from sagan.dist import (
     StopVote,
     World,
@@ -55,6 +57,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train (or continue training) per `cfg`, writing everything under `run_dir`. Returns the final losses (and the
     last sample scores). Under torchrun every process calls this, and rank 0's `run_dir` is used."""
     check_config(cfg, world_from_env().size)
+    finished = finished_step(cfg, run_dir)
+    if finished is not None:
+        log.info(f"{run_dir} finished already (step {finished} of train.steps={cfg.train.steps}): nothing to do")
+        return {"step": finished}
     world, device = init_distributed(cfg.device, cfg.dist.timeout_min)
     result = training_loop(cfg, broadcast_object(run_dir, world), world, device)
     leave_distributed(world)  # the loop's Run, with its DDP wrappers, is gone by now
@@ -103,6 +109,15 @@ def training_loop(cfg: DictConfig, run_dir: Path, world: World, device: torch.de
     vote.close()
     run.finish()
     return {"step": trainer.step, **last, **scores}
+
+
+def finished_step(cfg: DictConfig, run_dir: Path) -> int | None:
+    """With train.resume=auto, the step of the run directory's last checkpoint when it has all train.steps (a re-run
+    sweep skips the runs that finished), else None."""
+    if cfg.train.resume != "auto" or not (run_dir / "checkpoints" / "last.pt").exists():
+        return None
+    step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["trainer"]["step"]
+    return step if step >= cfg.train.steps else None
 
 
 def due(step: int, every: int, last: int) -> bool:
@@ -156,6 +171,7 @@ class Run:
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.best_fid = math.inf  # of the evaluations so far; best.pt holds that model
         self.rollbacks = 0  # NaN rollbacks so far (checkpointed: the bound holds across resumes)
+        self.train_s, self.clock = 0.0, time.monotonic()  # wall-clock of the run: before this process, and its start
         self.evaluator = (
             Evaluator(cfg, self.trainer, dataset, device, world, num_workers) if cfg.eval.every > 0 else None
         )
@@ -202,7 +218,7 @@ class Run:
             y_real=torch.tensor([label for _, label in real], device=device) if num_classes else None,
             queries=to_pixels(cfg.logger.attn_queries or DEFAULT_QUERIES, cfg.model.resolution),
             attn_images=cfg.logger.attn_images,
-            score=mirror_consistency if isinstance(dataset, MirrorShapes) else None,
+            score=mirror_consistency if isinstance(getattr(dataset, "dataset", dataset), MirrorShapes) else None,
             title=f"{cfg.experiment or cfg.model.name} ({self.run_dir.name})",
         )
         logger = RunLogger(
@@ -231,6 +247,7 @@ class Run:
             seed_everything(rank_seed(self.cfg.train.seed + self.trainer.step, self.world.rank))
         self.best_fid = state["best_fid"]
         self.rollbacks = state.get("rollbacks", 0)
+        self.train_s, self.clock = state.get("train_s", 0.0), time.monotonic()
 
     def checkpoint(self, best: bool = False) -> None:
         """Rank 0 writes; every rank returns once the file is complete."""
@@ -243,6 +260,7 @@ class Run:
                 "config": self.config,
                 "best_fid": self.best_fid,
                 "rollbacks": self.rollbacks,
+                "train_s": self.elapsed(),
             }
             save_checkpoint(state, self.ckpt_dir, self.trainer.step, self.cfg.train.keep_last, best=best)
         barrier(self.world)
@@ -265,8 +283,13 @@ class Run:
         images_per_s = self.progress.update(step, losses)
         scalars = training_scalars(self.trainer)
         named = {f"loss/{k.removesuffix('_loss')}": v for k, v in losses.items()}
-        self.logger.log_scalars(step, {**named, "speed/images_per_s": images_per_s, **scalars})
+        timing = {"speed/images_per_s": images_per_s, "time/train_s": self.elapsed()}
+        self.logger.log_scalars(step, {**named, **timing, **scalars})
         self.warned |= warn_dead_attention(scalars, step, self.cfg.logger.gamma_warn_after, self.warned)
+
+    def elapsed(self) -> float:
+        """Seconds this run has spent so far, over all its resumes (up to each one's checkpoint)."""
+        return self.train_s + time.monotonic() - self.clock
 
     def evaluate(self, step: int) -> bool:
         """FID (and IS) of G_ema now, logged; returns whether FID improved on the best so far."""
@@ -318,7 +341,7 @@ class Run:
 def training_data(cfg: DictConfig, world: World) -> Any:
     """The training set. Rank 0 builds it first (and downloads it, if asked), the others once it is there."""
     with main_rank_first(world):
-        return build_dataset(
+        dataset = build_dataset(
             cfg.data.name,
             root=cfg.data.root,
             resolution=cfg.model.resolution,
@@ -329,6 +352,7 @@ def training_data(cfg: DictConfig, world: World) -> Any:
             size=cfg.data.size,
             seed=cfg.train.seed,
         )
+    return with_fraction(dataset, cfg.data.fraction)
 
 
 def build_trainer(
@@ -357,6 +381,9 @@ def build_trainer(
         seed=cfg.train.seed,
         world=world,
         grad_accum=cfg.train.grad_accum,
+        augment=DiffAugment(cfg.data.augment_policy, device=device, seed=cfg.train.seed, world=world)
+        if cfg.data.augment == "diffaugment"
+        else None,
         **perf,
     )
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torchvision.utils import save_image
 
-from sagan.models import SelfAttention2d
+from sagan.models import AttentionLayer
 
 # Query points as fractions (row, col) of the image: a left/right pair at two heights, so a user sees whether a point
 # looks at its mirror position (the demo) or at related parts of the object.
@@ -29,12 +29,12 @@ _STOPS = torch.tensor([[0.0, 0.0, 0.0], [0.35, 0.0, 0.55], [0.9, 0.15, 0.1], [1.
 
 
 def capture_attention_inputs(model: nn.Module, run: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """Call `run()` and return the input of every SelfAttention2d in `model`, by module name."""
+    """Call `run()` and return the input of every attention layer of `model` that draws maps, by module name."""
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
         m.register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, args[0].detach()))
         for name, m in model.named_modules()
-        if isinstance(m, SelfAttention2d)
+        if isinstance(m, AttentionLayer) and m.map_heads > 0
     ]
     try:
         run()
@@ -42,6 +42,12 @@ def capture_attention_inputs(model: nn.Module, run: Callable[[], object]) -> dic
         for h in hooks:
             h.remove()
     return inputs
+
+
+def map_names(module_name: str, block: AttentionLayer) -> list[str]:
+    """The names of a layer's maps: 'attn16', or 'attn16_h0', 'attn16_h1', ... for a layer with several heads."""
+    short = module_name.split(".")[-1]
+    return [short] if block.map_heads == 1 else [f"{short}_h{h}" for h in range(block.map_heads)]
 
 
 def colormap(t: torch.Tensor) -> torch.Tensor:
@@ -86,19 +92,20 @@ def _mark(draw: ImageDraw.ImageDraw, x: int, y: int, colour: tuple[int, int, int
 
 @torch.no_grad()
 def attention_figure(
-    block: SelfAttention2d,
+    block: AttentionLayer,
     features: torch.Tensor,
     images: torch.Tensor,
     queries: Sequence[tuple[int, int]],
     title: str,
     cell: int = 96,
+    head: int = 0,
 ) -> Image.Image:
     """One figure for one attention layer: a row per image; the image with all query points, then one heat map per
     query point. `features` is the layer's input (B, C, H, W), `images` the matching images (B, 3, R, R) in [-1, 1]
     and `queries` pixel (row, col) positions on the images."""
     resolution, (H, W) = images.shape[-1], features.shape[-2:]
     on_map = [(r * H // resolution, c * W // resolution) for r, c in queries]
-    maps = block.attention_maps(features.float(), on_map).float().cpu()  # (B, Q, H/p, W/p)
+    maps = block.attention_maps(features.float(), on_map, head=head).float().cpu()  # (B, Q, h, w)
     images = ((images.float().cpu() + 1) / 2).clamp(0, 1)
     B, Q = maps.shape[:2]
     header = 16
@@ -134,10 +141,11 @@ def render_attention(
         layers = dict(model.named_modules())
         figures = {}
         for name, features in inputs.items():
-            block, short = layers[name], name.split(".")[-1]
+            block = layers[name]
             H, W = features.shape[-2:]
-            title = f"{prefix} {short}: {H}x{W} map, gamma {block.gamma.item():+.4f}"
-            figures[f"{prefix}_{short}"] = attention_figure(block, features, images, queries, title)
+            for head, short in enumerate(map_names(name, block)):
+                title = f"{prefix} {short}: {H}x{W} map, gamma {block.gamma.item():+.4f}"
+                figures[f"{prefix}_{short}"] = attention_figure(block, features, images, queries, title, head=head)
     finally:
         model.train(was_training)
     return figures

@@ -127,3 +127,18 @@ def test_evaluation_during_training_equals_sagan_fid_on_the_gpu(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000002.pt"
     args = [f"ckpt={ckpt}", "ref=train", "n=20", "seed=0", "isc=false", "device=cuda", f"metrics.inception_weights={weights}", cache]
     assert abs(evaluate(parse_args(FidArgs, args))["metrics"]["fid"] - logged) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["multihead", "simple", "local", "se", "cbam", "residual"])
+def test_every_attention_type_trains_a_bf16_step_with_diffaugment(kind):
+    """Each model.attn_type in the CIFAR preset, with DiffAugment drawing on the GPU: a finite step that moves gamma."""
+    from sagan.diffaugment import DiffAugment
+
+    torch.manual_seed(0)
+    model = compose_config("model=sagan32", f"model.attn_type={kind}", f"model.attn_heads={2 if kind == 'multihead' else 1}").model
+    G, D = build_models(model, num_classes=10)
+    augment = DiffAugment(["color", "translation", "cutout"], device=torch.device("cuda"), seed=0)
+    trainer = Trainer(G, D, device="cuda", precision="bf16", channels_last=True, fused_adam=True, augment=augment)
+    losses = trainer.train_step(real_batches(32, 16))
+    assert all(torch.isfinite(v) for v in losses.values()) and trainer.nonfinite() is None
+    assert trainer.G.blocks.attn16.gamma.item() != 0 and trainer.D.blocks.attn16.gamma.item() != 0

@@ -1,6 +1,6 @@
 """Every command the README shows in its code blocks runs here, as written, with three substitutions: `ckpt=` is a
 tiny checkpoint trained for the test, numbers of images are capped at 64, and the offline Inception weights are added
-where they exist. `sagan-train` commands are composed (their configs are checked, nothing trains); `sagan-fid` commands
+where they exist. `sagan-train` and `sagan-ablate` commands are composed (their configs are checked, nothing trains); `sagan-fid` commands
 whose images need a download or a path of the user's are parsed (keys and types checked) instead of run."""
 
 import os
@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_config
+from sagan.ablate import AblateArgs, split_argv
+from sagan.ablation_studies import SCALES, variants
 from sagan.attention import AttentionArgs, render_checkpoint
 from sagan.cli import check_composes, parse_args
 from sagan.evaluation import evaluate
@@ -31,7 +33,7 @@ def readme_commands() -> list[list[str]]:
             words = shlex.split(line, comments=True)
             if "-m" in words and words[0] in ("torchrun", "srun") and words[words.index("-m") + 1].startswith("sagan."):
                 words = ["sagan-" + words[words.index("-m") + 1].split(".")[1], *words[words.index("-m") + 2 :]]
-            if words and words[0] in ("sagan-train", "sagan-sample", "sagan-attention", "sagan-fid"):
+            if words and words[0] in ("sagan-train", "sagan-sample", "sagan-attention", "sagan-fid", "sagan-ablate"):
                 commands.append(words)
     return commands
 
@@ -51,7 +53,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def test_the_readme_shows_every_command():
     shown = {words[0] for words in COMMANDS}
-    assert shown == {"sagan-train", "sagan-sample", "sagan-attention", "sagan-fid"} and len(COMMANDS) >= 20
+    assert shown == {"sagan-train", "sagan-sample", "sagan-attention", "sagan-fid", "sagan-ablate"} and len(COMMANDS) >= 20
 
 
 def substituted(args: list[str], ckpt: Path) -> list[str]:
@@ -75,6 +77,13 @@ def test_readme_command_runs(words, checkpoint, tmp_path, monkeypatch):
             assert "-m" in args
             return
         check_composes([a for a in args if not a.startswith("hydra")])
+        return
+    if command == "sagan-ablate":  # its keys parsed, and every run's sagan-train config composed (nothing trains)
+        own, train_overrides = split_argv(args)
+        parsed = parse_args(AblateArgs, own)
+        scale = SCALES[parsed.scale]
+        for variant in variants(parsed.study, parsed.scale):
+            check_composes([*scale.overrides, f"+ablation={parsed.study}-{variant}", *train_overrides])
         return
     args = substituted(args, checkpoint)
     if command == "sagan-sample":

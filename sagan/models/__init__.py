@@ -7,17 +7,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from sagan.models.attention import SelfAttention2d
+from sagan.models.attention import AttentionLayer, SelfAttention2d
 from sagan.models.discriminator import Discriminator
 from sagan.models.generator import Generator
 from sagan.models.layers import spectral_sigmas
 
-__all__ = ["Discriminator", "Generator", "SelfAttention2d", "attention_gammas", "build_models", "spectral_sigmas"]
+__all__ = [
+    "AttentionLayer",
+    "Discriminator",
+    "Generator",
+    "SelfAttention2d",
+    "attention_gammas",
+    "build_models",
+    "spectral_sigmas",
+]
 
 
 def build_models(model: Any, num_classes: int) -> tuple[Generator, Discriminator]:
     """G and D from a model config (conf/model/*.yaml, or the `model` record of a checkpoint)."""
-    common = dict(resolution=model.resolution, num_classes=num_classes, attn_pool=model.attn_pool, init=model.init)
+    common = dict(
+        resolution=model.resolution, num_classes=num_classes, attn_pool=model.attn_pool, attn_type=model.attn_type,
+        attn_heads=model.attn_heads, attn_window=model.attn_window, init=model.init,
+    )  # fmt: skip
     G = Generator(
         z_dim=model.z_dim,
         ch=model.g_ch,
@@ -31,5 +42,5 @@ def build_models(model: Any, num_classes: int) -> tuple[Generator, Discriminator
 
 
 def attention_gammas(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The gamma of every self-attention layer in `module`, keyed by module name (e.g. 'blocks.attn16')."""
-    return {name: m.gamma.detach() for name, m in module.named_modules() if isinstance(m, SelfAttention2d)}
+    """The gamma of every attention layer (any model.attn_type) in `module`, keyed by module name ('blocks.attn16')."""
+    return {name: m.gamma.detach() for name, m in module.named_modules() if isinstance(m, AttentionLayer)}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sagan.models.attention import SelfAttention2d
+from sagan.models.attention_types import build_attention
 from sagan.models.generator import check_attn_resolutions
 from sagan.models.layers import apply_spectral_norm, check_labels, init_weights
 
@@ -61,6 +61,9 @@ class Discriminator(nn.Module):
         attn_resolutions: Sequence[int] = (16,),
         num_classes: int = 0,
         attn_pool: int = 2,
+        attn_type: str = "sagan",
+        attn_heads: int = 1,
+        attn_window: int = 7,
         sn: bool = True,
         init: str = "xavier",
     ) -> None:
@@ -80,7 +83,9 @@ class Discriminator(nn.Module):
             self.blocks[f"block{i}"] = DBlock(in_ch, ch * mult, downsample=downsample, first=i == 0)
             in_ch = ch * mult
             if size in attn_resolutions and size not in placed:
-                self.blocks[f"attn{size}"] = SelfAttention2d(in_ch, pool=attn_pool, sn=False)
+                self.blocks[f"attn{size}"] = build_attention(
+                    attn_type, in_ch, pool=attn_pool, heads=attn_heads, window=attn_window, sn=False
+                )
                 placed.add(size)
         self.linear = nn.Linear(in_ch, 1)
         self.embed = nn.Embedding(num_classes, in_ch) if num_classes > 0 else None

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sagan.models.attention import SelfAttention2d
+from sagan.models.attention_types import build_attention
 from sagan.models.layers import GeneratorBatchNorm2d, apply_spectral_norm, check_labels, init_weights
 
 # Width multipliers of `ch` at 4x4, 8x8, ..., resolution. 128 px is the paper's ImageNet generator (1024..64 for
@@ -50,8 +50,8 @@ class GBlock(nn.Module):
 class Generator(nn.Module):
     """z (B, z_dim) [and class labels y (B,)] -> images (B, 3, resolution, resolution) in [-1, 1].
 
-    SN-linear to a 4x4 map, one residual up-block per doubling, self-attention after the block that produces each of
-    `attn_resolutions`, then BN-ReLU-conv3x3-tanh. `sn=False` runs the paper's "no SN on G" ablation.
+    SN-linear to a 4x4 map, one residual up-block per doubling, self-attention (an `attn_type` layer, see
+    sagan.models.attention_types) after the block that produces each of `attn_resolutions`, then BN-ReLU-conv3x3-tanh. `sn=False` runs the paper's "no SN on G" ablation.
 
     `bn_momentum` is PyTorch's BatchNorm momentum for the running statistics (0.1, PyTorch's and BigGAN's default);
     the official TF code decays them much more slowly (momentum 0.001 in the conditional BNs, 0.0001 in the last BN).
@@ -66,6 +66,9 @@ class Generator(nn.Module):
         attn_resolutions: Sequence[int] = (16,),
         num_classes: int = 0,
         attn_pool: int = 2,
+        attn_type: str = "sagan",
+        attn_heads: int = 1,
+        attn_window: int = 7,
         sn: bool = True,
         init: str = "xavier",
         bn_momentum: float = 0.1,
@@ -83,7 +86,9 @@ class Generator(nn.Module):
         for i, (in_ch, out_ch, size) in enumerate(zip(widths[:-1], widths[1:], sizes)):
             self.blocks[f"block{i}"] = GBlock(in_ch, out_ch, num_classes, bn_momentum=bn_momentum)
             if size in attn_resolutions:
-                self.blocks[f"attn{size}"] = SelfAttention2d(out_ch, pool=attn_pool, sn=False)
+                self.blocks[f"attn{size}"] = build_attention(
+                    attn_type, out_ch, pool=attn_pool, heads=attn_heads, window=attn_window, sn=False
+                )
         # The official code ends with an unconditional BN, also in the class-conditional generator.
         self.out_bn = nn.BatchNorm2d(widths[-1], momentum=bn_momentum)
         self.out_conv = nn.Conv2d(widths[-1], 3, 3, padding=1)

@@ -1,0 +1,179 @@
+"""`sagan-ablate`: a named study at a named scale in one command. The runs are one Hydra multirun of sagan-train (so a
+launcher plugin, e.g. SLURM's, runs them unchanged); every finished run is evaluated with the scale's one protocol;
+results.md (mean ± std over seeds per variant) and results.png (the scale's curve against steps) summarise them.
+
+    sagan-ablate study=position scale=demo seeds=3                  # -> ablations/position-demo/results.md
+    sagan-ablate study=block scale=demo seeds=3 logger.mode=disabled  # other key=value go to every sagan-train run
+    sagan-ablate study=position scale=imagenet128 hydra/launcher=submitit_slurm   # on a SLURM cluster
+    sagan-ablate study=position scale=demo rebuild=true             # no training: evaluate what finished, redo the table
+
+Studies: position (no attention, then attention at each feature-map size), block (every model.attn_type), sn_g
+(spectral norm on G or not), ttur (TTUR or equal learning rates with 5 D steps), augment (a tenth of the data without
+and with DiffAugment). Scales: demo (CPU minutes per run), cifar10 and imagenet128 (GPUs: the paper's settings).
+Running the same command again continues the study: finished runs are skipped, interrupted ones resume from their last
+checkpoint (train.resume=auto).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from sagan.ablation_report import read_run, write_report
+from sagan.ablation_studies import SCALES, variants
+from sagan.checkpoint import CheckpointError, load_checkpoint
+from sagan.cli import parse_args, run_cli
+from sagan.config import MetricsConfig, arg
+from sagan.evaluation import evaluate
+from sagan.fid import FidArgs
+
+
+@dataclass
+class AblateArgs:
+    study: str = arg("position", "position | block | sn_g | ttur | augment")
+    scale: str = arg("demo", "demo | cifar10 | imagenet128: the recipe and the evaluation protocol")
+    seeds: int = arg(3, "runs per variant (train.seed = 0, 1, ...)")
+    out: Optional[str] = arg(None, "the study's folder; default ablations/<study>-<scale>")
+    n: Optional[int] = arg(None, "generated images per evaluation; default the scale's")
+    ref: Optional[str] = arg(None, "reference of the evaluation, as sagan-fid's ref=; default the scale's")
+    ref_n: Optional[int] = arg(None, "reference images (a seeded subset); default the scale's, or all of another ref")
+    rebuild: bool = arg(False, "train nothing: evaluate the finished runs not yet evaluated and rewrite the table")
+    device: str = arg("auto", "device of the evaluations")
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Our own key=value arguments, and the rest (sagan-train overrides, Hydra's included)."""
+    ours = {f.name for f in fields(AblateArgs)}
+    own, train = [], []
+    for a in argv:
+        key = a.split("=", 1)[0].split(".", 1)[0]
+        (own if key in ours or a in ("--help", "-h") else train).append(a)
+    return own, train
+
+
+def run_dir(out: Path, study: str, variant: str, seed: int) -> Path:
+    return out / f"{study}-{variant}_s{seed}"
+
+
+def checkpoint_step(directory: Path) -> int:
+    """The step of the run's last checkpoint; 0 before its first."""
+    last = directory / "checkpoints" / "last.pt"
+    try:
+        return load_checkpoint(last)["trainer"]["step"] if last.exists() else 0
+    except CheckpointError:
+        return 0
+
+
+def requested_steps(overrides: list[str]) -> int:
+    """train.steps of the config these sagan-train overrides compose (Hydra's own settings left out)."""
+    with initialize_config_module(config_module="sagan.conf", version_base="1.3"):
+        keep = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+        return compose(config_name="config", overrides=keep).train.steps
+
+
+def ablate(args: AblateArgs, train_overrides: list[str]) -> list[Path]:
+    names = variants(args.study, args.scale)
+    scale = SCALES[args.scale]
+    out = Path(args.out or f"ablations/{args.study}-{args.scale}").expanduser().resolve()
+    runs = [(v, s) for v in names for s in range(args.seeds)]
+    if args.seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {args.seeds}")
+
+    steps = {v: requested_steps([*scale.overrides, f"+ablation={args.study}-{v}", *train_overrides]) for v in names}
+
+    def finished() -> dict[tuple[str, int], int]:
+        """The runs whose last checkpoint is at the steps asked for now, and that step."""
+        done = {}
+        for v, s in runs:
+            step = checkpoint_step(run_dir(out, args.study, v, s))
+            if step >= steps[v]:
+                done[(v, s)] = step
+        return done
+
+    done = finished()
+    print(
+        f"{args.study} at scale {args.scale}: {len(names)} variants x {args.seeds} seeds = {len(runs)} runs, "
+        f"{len(done)} finished; in {out}"
+    )
+    failed = False
+    if len(done) < len(runs) and not args.rebuild:
+        weights = [f"metrics.{k}={v}" for k, v in OmegaConf.to_container(args.metrics).items() if v is not None]
+        command = [
+            sys.executable, "-m", "sagan.train", "--multirun", *scale.overrides,
+            f"+ablation={','.join(f'{args.study}-{v}' for v in names)}",
+            f"train.seed={','.join(str(s) for s in range(args.seeds))}",
+            "train.resume=auto", f"hydra.sweep.dir={out}",
+            "hydra.sweep.subdir=${hydra.runtime.choices.ablation}_s${train.seed}",
+            *weights, *train_overrides,
+        ]  # fmt: skip
+        print("running:", " ".join(command[2:]), flush=True)
+        failed = subprocess.run(command).returncode != 0
+        done = finished()
+        print(f"{len(done)} of {len(runs)} runs finished")
+
+    n, ref = args.n or scale.n, args.ref or scale.ref
+    ref_n = args.ref_n if args.ref_n is not None else (scale.ref_n if args.ref is None else None)  # another ref: all
+    results = []
+    for i, (v, s) in enumerate(runs):
+        directory = run_dir(out, args.study, v, s)
+        if (v, s) in done:
+            label = f"{len(results) + 1}/{len(runs)}"
+            evaluate_run(directory, args, n=n, ref=ref, ref_n=ref_n, step=done[(v, s)], label=label)
+        step = done.get((v, s), checkpoint_step(directory))
+        results.append(read_run(v, s, directory, scale.curve, step, (v, s) in done))
+    out.mkdir(parents=True, exist_ok=True)
+    about = [
+        f"Command: `sagan-ablate study={args.study} scale={args.scale} seeds={args.seeds}"
+        + "".join(f" {a}" for a in train_overrides) + "`",
+        f"Scale: {scale.about}. Training overrides: `{' '.join(scale.overrides)}`.",
+        f"Evaluation of each run's last checkpoint (G_ema): FID and KID of {n} samples (seed 0) against {ref}"
+        + (f" ({ref_n} images)" if ref_n else "") + "; mean ± sample std over the seeds that finished.",
+        f"Plot: `{scale.curve}` against training steps (results.png), where the runs logged it.",
+    ]  # fmt: skip
+    paths = write_report(out, results, title=f"sagan-ablate {args.study} at scale {args.scale}", about=about, curve_key=scale.curve)
+    for p in paths:
+        print(p)
+    if failed:
+        raise ChildProcessError(f"some runs of the study failed: see their logs under {out}; run the command again to continue")
+    return paths
+
+
+def evaluate_run(
+    directory: Path, args: AblateArgs, *, n: int, ref: str, ref_n: int | None, step: int, label: str
+) -> None:
+    """FID and KID of the run's last checkpoint into eval.json, unless it holds this protocol's numbers for this step."""
+    out = directory / "eval.json"
+    protocol = {"n": n, "ref": ref, "ref_n": ref_n, "step": step}
+    if out.exists():
+        if json.loads(out.read_text()).get("asked") == protocol:
+            return
+    print(f"evaluating {label}: {directory.name}", flush=True)
+    fid_args = OmegaConf.merge(
+        OmegaConf.structured(FidArgs),
+        {"ckpt": str(directory / "checkpoints" / "last.pt"), "ref": ref, "n": n, "ref_n": ref_n, "kid": True,
+         "isc": False, "seed": 0, "device": args.device, "out": str(directory / "eval.json"), "metrics": args.metrics},
+    )  # fmt: skip
+    started = time.monotonic()
+    result = evaluate(fid_args)
+    out.write_text(json.dumps({**result, "asked": protocol, "eval_s": time.monotonic() - started}, indent=2) + "\n")
+
+
+def main() -> None:
+    def run() -> None:
+        own, train_overrides = split_argv(sys.argv[1:])
+        ablate(parse_args(AblateArgs, own, doc=__doc__), train_overrides)
+
+    run_cli(run, log_to_stderr=True)
+
+
+if __name__ == "__main__":
+    main()

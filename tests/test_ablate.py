@@ -1,0 +1,108 @@
+"""sagan-ablate: the studies' variants, the table's arithmetic, and a tiny study end to end (train, skip, resume,
+evaluate, rebuild)."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sagan.ablate import split_argv
+from sagan.ablation_report import RunResult, write_report
+from sagan.ablation_studies import variants
+
+WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
+needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs SAGAN_FID_WEIGHTS (offline FID Inception weights)")
+CONF = Path(__file__).resolve().parent.parent / "conf" / "ablation"
+
+
+def test_position_study_places_attention_where_g_and_d_both_have_the_size():
+    assert variants("position", "demo") == ["none", "feat8", "feat16"]
+    assert variants("position", "imagenet128") == ["none", "feat8", "feat16", "feat32", "feat64"]
+    with pytest.raises(ValueError, match="unknown study 'positions'"):
+        variants("positions", "demo")
+    with pytest.raises(ValueError, match="unknown scale 'cifar'"):
+        variants("position", "cifar")
+
+
+@pytest.mark.parametrize("study", ["position", "block", "sn_g", "ttur", "augment"])
+def test_every_variant_has_a_config_that_composes(study):
+    from conftest import compose_config
+
+    for variant in variants(study, "imagenet128"):
+        assert (CONF / f"{study}-{variant}.yaml").exists()
+        cfg = compose_config("experiment=demo", f"+ablation={study}-{variant}")
+        if study == "block":
+            assert cfg.model.attn_type == ("multihead" if variant == "multihead" else variant)
+        if study == "position":
+            expected = [] if variant == "none" else [int(variant.removeprefix("feat"))]
+            assert list(cfg.model.g_attn) == list(cfg.model.d_attn) == expected
+
+
+def test_own_arguments_and_training_overrides_are_told_apart():
+    own, train = split_argv(["study=block", "seeds=2", "metrics.cache_dir=/c", "model.g_ch=8", "hydra/launcher=x", "rebuild=true"])
+    assert own == ["study=block", "seeds=2", "metrics.cache_dir=/c", "rebuild=true"]
+    assert train == ["model.g_ch=8", "hydra/launcher=x"]
+
+
+def test_table_rows_are_means_and_sample_stds_over_finished_runs(tmp_path):
+    fids = {"a": [10.0, 14.0, 15.0], "b": [30.0, 31.0]}
+    results = [
+        RunResult(v, s, tmp_path / f"{v}{s}", steps=100, finished=True, metrics={"fid": f, "kid": f / 1000},
+                  train_s=60.0 * (s + 1), curve=[(0, 0.0), (100, f)], mirror=f / 100)
+        for v, values in fids.items() for s, f in enumerate(values)
+    ]  # fmt: skip
+    results.append(RunResult("b", 2, tmp_path / "b2", steps=40))  # unfinished: listed, not averaged
+    md, png = write_report(tmp_path, results, title="t", about=["about"], curve_key="score")
+    rows = {line.split(" | ")[0].strip("| "): line for line in md.read_text().splitlines() if line.startswith("| ")}
+    a, b = fids["a"], fids["b"]
+    assert f"{statistics.mean(a):.2f} ± {statistics.stdev(a):.2f}" in rows["a"]
+    assert f"{statistics.mean(b):.2f} ± {statistics.stdev(b):.2f}" in rows["b"] and "2 of 3" in rows["b"]
+    assert f"{statistics.mean(x / 100 for x in a):.3f}" in rows["a"]  # mirror consistency
+    assert f"{statistics.mean([1.0, 2.0, 3.0]):.1f} ± {statistics.stdev([1.0, 2.0, 3.0]):.1f}" in rows["a"]  # minutes
+    assert "unfinished" in rows["b seed 2"]
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def ablate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "sagan.ablate", "study=sn_g", "scale=demo", "seeds=1", f"out={tmp_path / 'study'}",
+        "n=12", "ref_n=12", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}",
+        "model.g_ch=4", "model.d_ch=4", "data.size=64", "train.batch_size=8", "logger.mode=disabled",
+        "logger.num_samples=4", "logger.attn_images=2", *args,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+
+@pytest.mark.slow
+@needs_weights
+def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path):
+    study = tmp_path / "study"
+    first = ablate(tmp_path, "train.steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 variants x 1 seeds = 2 runs, 0 finished" in first.stdout
+    table = (study / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(("| sn |", "| no_sn |"))]
+    assert len(rows) == 2 and all("1 of 1" in row for row in rows)
+    for run in ("sn_g-sn_s0", "sn_g-no_sn_s0"):
+        saved = json.loads((study / run / "eval.json").read_text())
+        assert saved["protocol"]["num_samples"] == 12 and saved["metrics"]["kid"] == saved["metrics"]["kid"]
+    assert (study / "results.png").exists()
+
+    again = ablate(tmp_path, "train.steps=2")  # same study: nothing to train, nothing to evaluate
+    assert again.returncode == 0 and "2 runs, 2 finished" in again.stdout
+    assert "running:" not in again.stdout and "evaluating" not in again.stdout
+
+    longer = ablate(tmp_path, "train.steps=3")  # more steps: every run continues from its checkpoint
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "2 runs, 0 finished" in longer.stdout and "2 of 2 runs finished" in longer.stdout
+    assert "resumed from" in (study / "sn_g-sn_s0" / "train.log").read_text()
+    assert "| 3 |" in (study / "results.md").read_text()
+
+    (study / "sn_g-sn_s0" / "eval.json").unlink()
+    rebuilt = ablate(tmp_path, "train.steps=3", "rebuild=true")
+    assert rebuilt.returncode == 0 and "evaluating 1/2: sn_g-sn_s0" in rebuilt.stdout
+    assert "running:" not in rebuilt.stdout and (study / "sn_g-sn_s0" / "eval.json").exists()
