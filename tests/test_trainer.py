@@ -183,3 +183,17 @@ def test_standing_statistics_belong_to_g_ema_and_sampling_is_repeatable():
     assert torch.equal(other.ema_generator()(z), first)
 
 
+
+
+def test_a_generator_without_spectral_norm_trains_and_averages():
+    """model.g_sn=false (the paper's ablation): G has no buffers to copy into G_ema besides BatchNorm statistics."""
+    torch.manual_seed(0)
+    G = Generator(z_dim=16, ch=4, resolution=32, attn_resolutions=(16,), sn=False)
+    D = Discriminator(ch=4, resolution=32, attn_resolutions=(16,))
+    trainer = Trainer(G, D, ema_start=0, ema_decay=0.5, ema_bn="standing")
+    before = [p.clone() for p in trainer.G_ema.parameters()]
+    stream = batches()
+    trainer.train_step(stream)
+    trainer.train_step(stream)
+    for old, ema, new in zip(before, trainer.G_ema.parameters(), trainer.G.parameters()):
+        assert not torch.equal(ema, old) and not torch.equal(ema, new)
