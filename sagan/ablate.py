@@ -27,8 +27,9 @@ from typing import Optional
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from sagan.ablation_report import read_run, write_report
-from sagan.ablation_studies import SCALES, variants
+from sagan.ablation_report import read_json, read_run, write_report
+from sagan.ablation_studies import SCALES, protocol, variants
+from sagan.atomic_files import atomic_write
 from sagan.checkpoint import CheckpointError, load_checkpoint
 from sagan.cli import parse_args, run_cli
 from sagan.config import MetricsConfig, arg
@@ -41,12 +42,13 @@ class AblateArgs:
     study: str = arg("position", "position | block | sn_g | ttur | augment")
     scale: str = arg("demo", "demo | cifar10 | imagenet128: the recipe and the evaluation protocol")
     seeds: int = arg(3, "runs per variant (train.seed = 0, 1, ...)")
+    variants: Optional[list[str]] = arg(None, "only these variants, e.g. [none,feat16] (a study split over machines)")
     out: Optional[str] = arg(None, "the study's folder; default ablations/<study>-<scale>")
     n: Optional[int] = arg(None, "generated images per evaluation; default the scale's")
     ref: Optional[str] = arg(None, "reference of the evaluation, as sagan-fid's ref=; default the scale's")
     ref_n: Optional[int] = arg(None, "reference images (a seeded subset); default the scale's, or all of another ref")
     rebuild: bool = arg(False, "train nothing: evaluate the finished runs not yet evaluated and rewrite the table")
-    device: str = arg("auto", "device of the evaluations")
+    eval_device: str = arg("auto", "device of the evaluations (device= goes to the training runs)")
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
@@ -82,6 +84,11 @@ def requested_steps(overrides: list[str]) -> int:
 
 def ablate(args: AblateArgs, train_overrides: list[str]) -> list[Path]:
     names = variants(args.study, args.scale)
+    if args.variants is not None:
+        unknown = sorted(set(args.variants) - set(names))
+        if unknown:
+            raise ValueError(f"{args.study} at scale {args.scale} has no variant {unknown}: choose among {names}")
+        names = [v for v in names if v in args.variants]
     scale = SCALES[args.scale]
     out = Path(args.out or f"ablations/{args.study}-{args.scale}").expanduser().resolve()
     runs = [(v, s) for v in names for s in range(args.seeds)]
@@ -107,10 +114,13 @@ def ablate(args: AblateArgs, train_overrides: list[str]) -> list[Path]:
     failed = False
     if len(done) < len(runs) and not args.rebuild:
         weights = [f"metrics.{k}={v}" for k, v in OmegaConf.to_container(args.metrics).items() if v is not None]
+        # One sweep over the variants and seeds that have unfinished runs (a finished run in it returns at once).
+        todo_variants = [v for v in names if any((v, s) not in done for s in range(args.seeds))]
+        todo_seeds = [s for s in range(args.seeds) if any((v, s) not in done for v in names)]
         command = [
             sys.executable, "-m", "sagan.train", "--multirun", *scale.overrides,
-            f"+ablation={','.join(f'{args.study}-{v}' for v in names)}",
-            f"train.seed={','.join(str(s) for s in range(args.seeds))}",
+            f"+ablation={','.join(f'{args.study}-{v}' for v in todo_variants)}",
+            f"train.seed={','.join(str(s) for s in todo_seeds)}",
             "train.resume=auto", f"hydra.sweep.dir={out}",
             "hydra.sweep.subdir=${hydra.runtime.choices.ablation}_s${train.seed}",
             *weights, *train_overrides,
@@ -120,8 +130,9 @@ def ablate(args: AblateArgs, train_overrides: list[str]) -> list[Path]:
         done = finished()
         print(f"{len(done)} of {len(runs)} runs finished")
 
-    n, ref = args.n or scale.n, args.ref or scale.ref
-    ref_n = args.ref_n if args.ref_n is not None else (scale.ref_n if args.ref is None else None)  # another ref: all
+    n, ref, ref_n = protocol(args.study, args.scale)
+    n, ref = args.n or n, args.ref or ref
+    ref_n = args.ref_n if args.ref_n is not None else (ref_n if args.ref is None else None)  # another ref: all
     results = []
     for i, (v, s) in enumerate(runs):
         directory = run_dir(out, args.study, v, s)
@@ -150,21 +161,24 @@ def ablate(args: AblateArgs, train_overrides: list[str]) -> list[Path]:
 def evaluate_run(
     directory: Path, args: AblateArgs, *, n: int, ref: str, ref_n: int | None, step: int, label: str
 ) -> None:
-    """FID and KID of the run's last checkpoint into eval.json, unless it holds this protocol's numbers for this step."""
-    out = directory / "eval.json"
-    protocol = {"n": n, "ref": ref, "ref_n": ref_n, "step": step}
-    if out.exists():
-        if json.loads(out.read_text()).get("asked") == protocol:
-            return
+    """FID and KID of the run's last checkpoint into eval.json (sagan-fid's metrics.json beside it), unless eval.json
+    holds the numbers of this protocol for this very checkpoint file."""
+    out, ckpt = directory / "eval.json", directory / "checkpoints" / "last.pt"
+    metrics = OmegaConf.to_container(args.metrics)
+    stat = ckpt.stat()
+    asked = {"n": n, "ref": ref, "ref_n": ref_n, "step": step, "metrics": metrics, "ckpt": [stat.st_size, stat.st_mtime_ns]}
+    if read_json(out).get("asked") == asked:
+        return
     print(f"evaluating {label}: {directory.name}", flush=True)
     fid_args = OmegaConf.merge(
         OmegaConf.structured(FidArgs),
-        {"ckpt": str(directory / "checkpoints" / "last.pt"), "ref": ref, "n": n, "ref_n": ref_n, "kid": True,
-         "isc": False, "seed": 0, "device": args.device, "out": str(directory / "eval.json"), "metrics": args.metrics},
+        {"ckpt": str(ckpt), "ref": ref, "n": n, "ref_n": ref_n, "kid": True, "isc": False, "seed": 0,
+         "device": args.eval_device, "out": str(directory / "metrics.json"), "metrics": metrics},
     )  # fmt: skip
     started = time.monotonic()
     result = evaluate(fid_args)
-    out.write_text(json.dumps({**result, "asked": protocol, "eval_s": time.monotonic() - started}, indent=2) + "\n")
+    record = {**result, "asked": asked, "eval_s": time.monotonic() - started}
+    atomic_write(out, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def main() -> None:

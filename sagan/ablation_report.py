@@ -43,11 +43,18 @@ def read_run(variant: str, seed: int, run_dir: Path, curve_key: str, steps: int,
                 result.mirror = row[MIRROR]
             if "time/train_s" in row:
                 result.train_s = row["time/train_s"]
-    evaluation = run_dir / "eval.json"
-    if evaluation.exists():
-        saved = json.loads(evaluation.read_text())
+    saved = read_json(run_dir / "eval.json")
+    if saved.get("asked", {}).get("step") == steps:  # an evaluation of the checkpoint the run has now
         result.metrics, result.protocol = saved["metrics"], saved["protocol"]
     return result
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's object; {} when it is missing or unreadable (then it is written again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -69,7 +76,7 @@ def write_report(out: Path, results: list[RunResult], *, title: str, about: list
     head += ["training min / run"]
     rows = []
     for variant in variants:
-        done = [r for r in results if r.variant == variant and r.finished and r.metrics]
+        done = [r for r in results if r.variant == variant and r.finished and math.isfinite(r.metrics.get("fid", math.nan))]
         ours = [r for r in results if r.variant == variant]
         row = [variant, f"{len(done)} of {len(ours)}", ", ".join(sorted({str(r.steps) for r in done})) or "-"]
         row += [spread([r.metrics.get(key) for r in done], scale, digits) for key, _, scale, digits in COLUMNS]

@@ -69,7 +69,10 @@ def render_checkpoint(args: Any) -> list[Path]:
     figures = render_attention(G, lambda: G(z, y), images, queries, "G")
     figures |= render_attention(D, lambda: D(images, y), images, queries, "D")
     if not figures:
-        raise ValueError(f"'{args.ckpt}' has no attention layers (model.g_attn and model.d_attn are empty)")
+        raise ValueError(
+            f"'{args.ckpt}' has no attention maps to draw: model.g_attn and model.d_attn are empty, or its "
+            f"model.attn_type ('{state['model'].get('attn_type', 'sagan')}') has none (se, residual)"
+        )
     paths = []
     for key, figure in figures.items():
         paths.append(out / f"{key}.png")

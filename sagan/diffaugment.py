@@ -92,9 +92,9 @@ class DiffAugment:
     """augment(images) -> images with the policy's operations applied, each image with its own random draws.
 
     The draws come from this object's generator (on `device`), whose state checkpoints keep, so a resumed run
-    augments exactly as an uninterrupted one. Under torchrun every rank draws for the whole global batch and uses
-    its own rows, so all ranks keep one generator state (rank 0's, in checkpoints) and a run augments the same
-    whatever its number of ranks.
+    augments exactly as an uninterrupted one. Under torchrun every rank draws for the whole (micro-)batch of all
+    ranks and uses its own rows, so all ranks keep one generator state (rank 0's, in checkpoints) and a run augments
+    the same on any number of ranks with the same micro-batches per rank (train.grad_accum).
     """
 
     def __init__(self, policy: Sequence[str], *, device: torch.device, seed: int, world: World = SINGLE) -> None:
@@ -102,7 +102,8 @@ class DiffAugment:
         self.policy = list(policy)
         self.world = world
         self.device = torch.device(device)
-        self.rng = torch.Generator(self.device).manual_seed(seed + 0x5A6A)  # apart from the latent stream's seed
+        self.seed = seed + 0x5A6A  # apart from the latent stream's seed
+        self.rng = torch.Generator(self.device).manual_seed(self.seed)
 
     def _uniform(self, batch: int, *shape: int) -> torch.Tensor:
         draws = torch.rand(batch * self.world.size, *shape, generator=self.rng, device=self.device)
@@ -116,6 +117,8 @@ class DiffAugment:
     def state_dict(self) -> dict:
         return {"rng": self.rng.get_state(), "device": self.device.type}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["device"] == self.device.type:  # else: a fresh seeded stream (the trainer warns about the latents)
+    def load_state_dict(self, state: dict, step: int) -> None:
+        if state["device"] == self.device.type:
             self.rng.set_state(state["rng"])
+        else:  # CPU and CUDA generators have different states: a new stream for this step on (the trainer warns)
+            self.rng.manual_seed(self.seed * 1_000_003 + step)

@@ -174,7 +174,7 @@ class Trainer:
                     with torch.autocast(**self.autocast):
                         fake = self.G_train(z_m, y_m)
                         if self.augment is not None:  # differentiable: G's gradients pass through it
-                            fake = self.augment(fake)
+                            fake = self.augment(fake.float())  # in fp32, as in the D step
                         logits = self.D_fast(fake, y_m)
                     loss = self.g_loss_fn(logits.float()) / self.grad_accum
                     loss.backward()
@@ -285,7 +285,7 @@ class Trainer:
             log.info(f"optimizer settings from the current config, not the checkpoint: {'; '.join(changed)}")
         self.step = state["step"]
         if self.augment is not None and "augment" in state:
-            self.augment.load_state_dict(state["augment"])
+            self.augment.load_state_dict(state["augment"], step=self.step)
         self._ema_stats_step = self.step  # the checkpoint's G_ema statistics belong to its weights
         if state["rng_device"] == self.device.type:
             self.rng.set_state(state["rng"])

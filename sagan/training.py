@@ -57,12 +57,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train (or continue training) per `cfg`, writing everything under `run_dir`. Returns the final losses (and the
     last sample scores). Under torchrun every process calls this, and rank 0's `run_dir` is used."""
     check_config(cfg, world_from_env().size)
-    finished = finished_step(cfg, run_dir)
+    world, device = init_distributed(cfg.device, cfg.dist.timeout_min)
+    run_dir = broadcast_object(run_dir, world)  # rank 0's
+    finished = broadcast_object(finished_step(cfg, run_dir) if world.main else None, world)
     if finished is not None:
         log.info(f"{run_dir} finished already (step {finished} of train.steps={cfg.train.steps}): nothing to do")
-        return {"step": finished}
-    world, device = init_distributed(cfg.device, cfg.dist.timeout_min)
-    result = training_loop(cfg, broadcast_object(run_dir, world), world, device)
+        result = {"step": finished}
+    else:
+        result = training_loop(cfg, run_dir, world, device)
     leave_distributed(world)  # the loop's Run, with its DDP wrappers, is gone by now
     return result
 

@@ -3,6 +3,7 @@ evaluate, rebuild)."""
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,13 @@ def test_every_variant_has_a_config_that_composes(study):
         assert (CONF / f"{study}-{variant}.yaml").exists()
         cfg = compose_config("experiment=demo", f"+ablation={study}-{variant}")
         if study == "block":
-            assert cfg.model.attn_type == ("multihead" if variant == "multihead" else variant)
+            assert cfg.model.attn_type == variant and cfg.model.attn_heads == (2 if variant == "multihead" else 1)
+        if study == "sn_g":
+            assert cfg.model.g_sn == (variant == "sn") and cfg.model.d_sn
+        if study == "ttur":
+            assert (cfg.optim.lr_d, cfg.optim.n_dis) == ((4e-4, 1) if variant == "ttur" else (1e-4, 5))
+        if study == "augment":
+            assert cfg.data.fraction == 0.1 and cfg.data.augment == variant
         if study == "position":
             expected = [] if variant == "none" else [int(variant.removeprefix("feat"))]
             assert list(cfg.model.g_attn) == list(cfg.model.d_attn) == expected
@@ -96,13 +103,29 @@ def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path):
     assert again.returncode == 0 and "2 runs, 2 finished" in again.stdout
     assert "running:" not in again.stdout and "evaluating" not in again.stdout
 
+    shutil.rmtree(study / "sn_g-no_sn_s0" / "checkpoints")  # one run lost: only its variant is launched again
+    partial = ablate(tmp_path, "train.steps=2")
+    assert partial.returncode == 0 and "2 runs, 1 finished" in partial.stdout
+    assert "+ablation=sn_g-no_sn train.seed=0 " in partial.stdout and "evaluating 2/2: sn_g-no_sn_s0" in partial.stdout
+
     longer = ablate(tmp_path, "train.steps=3")  # more steps: every run continues from its checkpoint
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "2 runs, 0 finished" in longer.stdout and "2 of 2 runs finished" in longer.stdout
     assert "resumed from" in (study / "sn_g-sn_s0" / "train.log").read_text()
-    assert "| 3 |" in (study / "results.md").read_text()
+    table = (study / "results.md").read_text()
+    assert "| sn | 1 of 1 | 3 |" in table and "| no_sn | 1 of 1 | 3 |" in table
 
     (study / "sn_g-sn_s0" / "eval.json").unlink()
     rebuilt = ablate(tmp_path, "train.steps=3", "rebuild=true")
     assert rebuilt.returncode == 0 and "evaluating 1/2: sn_g-sn_s0" in rebuilt.stdout
     assert "running:" not in rebuilt.stdout and (study / "sn_g-sn_s0" / "eval.json").exists()
+
+
+def test_unknown_variants_are_refused_before_any_work(tmp_path):
+    from sagan.ablate import AblateArgs, ablate
+    from sagan.cli import parse_args
+
+    args = parse_args(AblateArgs, ["study=sn_g", "variants=[sn,nope]", f"out={tmp_path / 'study'}"])
+    with pytest.raises(ValueError, match=r"sn_g at scale demo has no variant \['nope'\]: choose among \['sn', 'no_sn'\]"):
+        ablate(args, [])
+    assert not (tmp_path / "study").exists()

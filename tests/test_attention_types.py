@@ -151,3 +151,37 @@ def test_bad_settings_fail_clearly():
     with pytest.raises(ValueError, match="odd number"):
         build_attention("local", 32, pool=2, heads=1, window=4, sn=False)
 
+
+
+def test_local_relative_positions_steer_the_window():
+    """With query and key weights at 0, the logits are q . r only: a row embedding that matches the query for one row
+    offset puts the weight there, for every query that has that neighbour."""
+    from sagan.models.local_attention import LocalSelfAttention2d
+
+    block = LocalSelfAttention2d(32, window=5, sn=False).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.zero_()
+        block.query.weight[:, 0, 0, 0] = 1.0  # the query is channel 0 of x, on every query/key channel
+        block.rel_rows[:, 4] = 20.0  # the last row of the window: offset +2
+    x = torch.zeros(1, 32, 8, 8)
+    x[:, 0] = 1.0
+    maps = block.attention_maps(x, queries=[(1, 3), (4, 6)])
+    # All the weight two rows below each query, spread evenly over the window's 5 columns there.
+    assert maps[0, 0, 3].sum().item() == pytest.approx(1.0, abs=1e-6) and maps[0, 1, 6].sum().item() == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(maps[0, 0, 3, 1:6], torch.full((5,), 0.2))
+    with torch.no_grad():
+        block.rel_rows.zero_()
+        block.rel_cols[:, 0] = 20.0  # the first column of the window: offset -2
+    maps = block.attention_maps(x, queries=[(1, 3)])
+    torch.testing.assert_close(maps[0, 0, :, 1], torch.tensor([1 / 4] * 4 + [0.0] * 4))  # rows 0-3 (clipped window)
+
+
+def test_local_attention_on_a_map_smaller_than_its_window():
+    block = layer("local", sn=False).eval()  # window 3 here; 7 on a 2x2 map below
+    wide = build_attention("local", 32, pool=2, heads=1, window=7, sn=False).eval()
+    randomise(wide)
+    x = torch.randn(2, 32, 2, 2)
+    maps = wide.attention_maps(x)
+    torch.testing.assert_close(maps.sum(dim=(-2, -1)), torch.ones(2, 4))
+    assert wide(x).shape == x.shape and block(x).shape == x.shape

@@ -146,12 +146,13 @@ def test_resume_is_exact_with_augmentation(tiny_cfg, tmp_path):
 
 
 def test_data_fraction_is_one_fixed_subset_with_labels():
-    whole = build_dataset("demo", root=None, resolution=32, size=200, seed=0, labels=False)
+    whole = build_dataset("demo", root=None, resolution=32, size=200, seed=0, labels=True)
     tenth, again = DataFraction(whole, 0.1), DataFraction(whole, 0.1)
     assert len(tenth) == 20 and tenth.indices == again.indices and len(set(tenth.indices)) == 20
     assert tenth.indices != list(range(20))  # a random subset, not the first images
     image, label = tenth[3]
-    assert torch.equal(image, whole[tenth.indices[3]][0])
+    assert torch.equal(image, whole[tenth.indices[3]][0]) and label == whole[tenth.indices[3]][1]
+    assert tenth.num_classes == whole.num_classes > 0
     assert "a seeded 0.1 of it: 20 of 200 images" in describe_dataset(tenth, "demo")
     with pytest.raises(ValueError, match=r"data.fraction must be in \(0, 1\]"):
         DataFraction(whole, 0)
@@ -174,3 +175,17 @@ def test_training_on_a_fraction_logs_it(tiny_cfg, tmp_path, caplog):
 def test_bad_augment_settings_fail_clearly(tiny_cfg, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         train(tiny_cfg("train.steps=1", override), tmp_path)
+
+
+def test_every_rank_augments_its_own_rows_of_one_draw():
+    """Two ranks with the same seed draw for both halves of the batch and use their own: together they augment the
+    whole batch exactly as one process does, and each keeps the same random state."""
+    from sagan.dist import World
+
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    one = DiffAugment(["color", "translation", "cutout"], device=torch.device("cpu"), seed=3)
+    ranks = [DiffAugment(["color", "translation", "cutout"], device=torch.device("cpu"), seed=3, world=World(rank=r, size=2)) for r in (0, 1)]
+    whole = one(x)
+    halves = [augment(x[4 * r : 4 * r + 4]) for r, augment in enumerate(ranks)]
+    assert torch.equal(torch.cat(halves), whole)
+    assert torch.equal(ranks[0].rng.get_state(), ranks[1].rng.get_state())

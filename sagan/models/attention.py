@@ -32,6 +32,10 @@ class AttentionLayer(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"expected a (B, {self.channels}, H, W) feature map, got {tuple(x.shape)}")
 
+    def check_head(self, head: int) -> None:
+        if not 0 <= head < self.map_heads:
+            raise ValueError(f"{type(self).__name__} draws {self.map_heads} map(s) per query: head {head} does not exist")
+
     @staticmethod
     def check_queries(queries: Sequence[tuple[int, int]] | None, H: int, W: int) -> list[tuple[int, int]]:
         """(row, col) query positions on the H x W map; None means every position, row-major."""
@@ -106,6 +110,7 @@ class SelfAttention2d(AttentionLayer):
         """
         _, _, H, W = x.shape
         queries = self.check_queries(queries, H, W)
+        self.check_head(head)
         query, key, _ = self._project(x)
         index = torch.tensor([r * W + c for r, c in queries], device=x.device)
         attn = torch.softmax(query[:, head, index] @ key[:, head].transpose(1, 2), dim=-1)  # (B, Q, N/p^2)
@@ -144,6 +149,7 @@ class SimpleSelfAttention2d(AttentionLayer):
         """(B, Q, H, W), each a softmax row summing to 1."""
         _, _, H, W = x.shape
         queries = self.check_queries(queries, H, W)
+        self.check_head(head)
         query, key, _ = self._project(x)
         index = torch.tensor([r * W + c for r, c in queries], device=x.device)
         attn = torch.softmax(query[:, 0, index] @ key[:, 0].transpose(1, 2), dim=-1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sagan.models.attention import AttentionLayer
@@ -70,5 +69,6 @@ class CBAM2d(AttentionLayer):
         """(B, Q, H, W): the spatial gate, once per query (it does not depend on the query)."""
         _, _, H, W = x.shape
         queries = self.check_queries(queries, H, W)
+        self.check_head(head)
         _, gate = self._gates(x)
         return gate.expand(-1, len(queries), -1, -1)

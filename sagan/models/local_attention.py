@@ -53,8 +53,8 @@ class LocalSelfAttention2d(AttentionLayer):
         rel = torch.cat(
             [self.rel_rows[:, :, None].expand(-1, w, w), self.rel_cols[:, None, :].expand(-1, w, w)]
         ).reshape(-1, w * w, 1)  # (C/8, window^2, 1): row offset and column offset of each window position
-        query = self.query(x).flatten(2).unsqueeze(2)  # (B, C/8, 1, H*W)
-        logits = (query * (self._neighbours(self.key(x)) + rel)).sum(1)  # (B, window^2, H*W)
+        query, key = self.query(x).flatten(2), self._neighbours(self.key(x))  # (B, C/8, H*W), (B, C/8, window^2, H*W)
+        logits = torch.einsum("bcn,bcwn->bwn", query, key + rel.to(key.dtype))  # (B, window^2, H*W)
         inside = self._neighbours(torch.ones(1, 1, H, W, device=x.device))[0, 0] > 0  # (window^2, H*W)
         return torch.softmax(logits.float().masked_fill(~inside, float("-inf")), dim=1)
 
@@ -62,7 +62,7 @@ class LocalSelfAttention2d(AttentionLayer):
         B, C, H, W = x.shape
         weights = self._weights(x)
         value = self._neighbours(self.value(x))  # (B, C/2, window^2, H*W)
-        o = (value * weights.unsqueeze(1).to(value.dtype)).sum(2).view(B, C // 2, H, W)
+        o = torch.einsum("bcwn,bwn->bcn", value, weights.to(value.dtype)).view(B, C // 2, H, W)
         return x + self.gamma * self.out(o)
 
     def attention_maps(
@@ -71,6 +71,7 @@ class LocalSelfAttention2d(AttentionLayer):
         """(B, Q, H, W): each query's window weights placed around it on the whole map (zero elsewhere)."""
         _, _, H, W = x.shape
         queries = self.check_queries(queries, H, W)
+        self.check_head(head)
         weights = self._weights(x)
         w, p = self.window, self.window // 2
         padded = weights.new_zeros(x.shape[0], len(queries), H + 2 * p, W + 2 * p)
