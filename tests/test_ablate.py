@@ -129,3 +129,17 @@ def test_unknown_variants_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"sn_g at scale demo has no variant \['nope'\]: choose among \['sn', 'no_sn'\]"):
         ablate(args, [])
     assert not (tmp_path / "study").exists()
+
+
+def test_help_lists_the_keys_and_examples(capsys, monkeypatch):
+    import sagan.ablate
+
+    monkeypatch.setattr(sys, "argv", ["sagan-ablate", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        sagan.ablate.main()
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "sagan-ablate study=position scale=demo seeds=3" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  ")}
+    assert rows["study"][1] == "position" and rows["seeds"][1] == "3" and rows["rebuild"][1] == "false"
+    assert {"scale", "variants", "n", "ref", "ref_n", "eval_device", "metrics.inception_weights"} <= set(rows)
