@@ -66,20 +66,41 @@ def run_dir(out: Path, study: str, variant: str, seed: int) -> Path:
     return out / f"{study}-{variant}_s{seed}"
 
 
-def checkpoint_step(directory: Path) -> int:
-    """The step of the run's last checkpoint; 0 before its first."""
+# The config sections that decide what a run trains: a finished run trained with others is reported.
+COMPARED = ("model", "data", "loss", "optim")
+
+
+def checkpoint_state(directory: Path) -> tuple[int, dict | None]:
+    """The step of the run's last checkpoint and the config it was trained with; (0, None) before its first."""
     last = directory / "checkpoints" / "last.pt"
     try:
-        return load_checkpoint(last)["trainer"]["step"] if last.exists() else 0
+        state = load_checkpoint(last) if last.exists() else None
     except CheckpointError:
-        return 0
+        state = None
+    return (state["trainer"]["step"], state["config"]) if state else (0, None)
 
 
-def requested_steps(overrides: list[str]) -> int:
-    """train.steps of the config these sagan-train overrides compose (Hydra's own settings left out)."""
+def checkpoint_step(directory: Path) -> int:
+    return checkpoint_state(directory)[0]
+
+
+def requested_config(overrides: list[str]) -> dict:
+    """The config these sagan-train overrides compose (Hydra's own settings left out)."""
     with initialize_config_module(config_module="sagan.conf", version_base="1.3"):
         keep = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-        return compose(config_name="config", overrides=keep).train.steps
+        return OmegaConf.to_container(compose(config_name="config", overrides=keep), resolve=True)
+
+
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def ablate(args: AblateArgs, train_overrides: list[str]) -> list[Path]:
@@ -95,15 +116,22 @@ def ablate(args: AblateArgs, train_overrides: list[str]) -> list[Path]:
     if args.seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {args.seeds}")
 
-    steps = {v: requested_steps([*scale.overrides, f"+ablation={args.study}-{v}", *train_overrides]) for v in names}
+    asked = {v: requested_config([*scale.overrides, f"+ablation={args.study}-{v}", *train_overrides]) for v in names}
+    warned: set[tuple[str, int]] = set()
 
     def finished() -> dict[tuple[str, int], int]:
         """The runs whose last checkpoint is at the steps asked for now, and that step."""
         done = {}
         for v, s in runs:
-            step = checkpoint_step(run_dir(out, args.study, v, s))
-            if step >= steps[v]:
-                done[(v, s)] = step
+            step, config = checkpoint_state(run_dir(out, args.study, v, s))
+            if config is None or step < asked[v]["train"]["steps"]:
+                continue
+            done[(v, s)] = step
+            changed = differences({k: config.get(k, {}) for k in COMPARED}, {k: asked[v][k] for k in COMPARED})
+            if changed and (v, s) not in warned:
+                warned.add((v, s))
+                print(f"warning: {run_dir(out, args.study, v, s).name} was trained with other settings "
+                      f"({', '.join(changed)}): kept as it is; delete its directory to train it again")  # fmt: skip
         return done
 
     done = finished()

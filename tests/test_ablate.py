@@ -100,7 +100,9 @@ def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path):
     assert (study / "results.png").exists()
 
     again = ablate(tmp_path, "train.steps=2")  # same study: nothing to train, nothing to evaluate
-    assert again.returncode == 0 and "2 runs, 2 finished" in again.stdout
+    assert again.returncode == 0 and "2 runs, 2 finished" in again.stdout and "warning" not in again.stdout
+    other = ablate(tmp_path, "train.steps=2", "optim.lr_d=1e-3", "rebuild=true")  # other settings: named, kept
+    assert "sn_g-sn_s0 was trained with other settings (optim.lr_d)" in other.stdout and "2 finished" in other.stdout
     assert "running:" not in again.stdout and "evaluating" not in again.stdout
 
     shutil.rmtree(study / "sn_g-no_sn_s0" / "checkpoints")  # one run lost: only its variant is launched again
@@ -143,3 +145,11 @@ def test_help_lists_the_keys_and_examples(capsys, monkeypatch):
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  ")}
     assert rows["study"][1] == "position" and rows["seeds"][1] == "3" and rows["rebuild"][1] == "false"
     assert {"scale", "variants", "n", "ref", "ref_n", "eval_device", "metrics.inception_weights"} <= set(rows)
+
+
+def test_settings_that_differ_are_named():
+    from sagan.ablate import differences
+
+    a = {"model": {"g_ch": 16, "g_attn": [16]}, "optim": {"lr_d": 4e-4}}
+    b = {"model": {"g_ch": 8, "g_attn": [16]}, "optim": {"lr_d": 4e-4, "eps": 1e-8}}
+    assert differences(a, b) == ["model.g_ch", "optim.eps"]
