@@ -36,6 +36,20 @@ class AttentionLayer(nn.Module):
         if not 0 <= head < self.map_heads:
             raise ValueError(f"{type(self).__name__} draws {self.map_heads} map(s) per query: head {head} does not exist")
 
+    def attention_maps(
+        self, x: torch.Tensor, queries: Sequence[tuple[int, int]] | None = None, head: int = 0
+    ) -> torch.Tensor:
+        """Maps for visualisation, (B, Q, h, w): for each (row, col) query position on the H x W feature map (None:
+        every position, row-major), where head `head` of the layer draws from. Call in eval mode to leave the
+        spectral-norm power iteration untouched."""
+        _, _, H, W = x.shape
+        queries = self.check_queries(queries, H, W)
+        self.check_head(head)
+        return self._maps(x, queries, head)
+
+    def _maps(self, x: torch.Tensor, queries: list[tuple[int, int]], head: int) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} draws no maps")
+
     @staticmethod
     def check_queries(queries: Sequence[tuple[int, int]] | None, H: int, W: int) -> list[tuple[int, int]]:
         """(row, col) query positions on the H x W map; None means every position, row-major."""
@@ -99,18 +113,9 @@ class SelfAttention2d(AttentionLayer):
         o = o.transpose(2, 3).reshape(B, C // 2, H, W)
         return x + self.gamma * self.out(o)
 
-    def attention_maps(
-        self, x: torch.Tensor, queries: Sequence[tuple[int, int]] | None = None, head: int = 0
-    ) -> torch.Tensor:
-        """Explicit attention maps of one head for visualisation: (B, Q, H/p, W/p), each a softmax row summing to 1.
-
-        `queries` are (row, col) positions on the H x W feature map; None means every position (Q = H*W, row-major).
-        Map [b, q] says how much query position q attends to each (pooled) key location. Call in eval mode to leave
-        the spectral-norm power iteration untouched.
-        """
+    def _maps(self, x: torch.Tensor, queries: list[tuple[int, int]], head: int) -> torch.Tensor:
+        """(B, Q, H/p, W/p), each a softmax row summing to 1: how much query q attends to each (pooled) key location."""
         _, _, H, W = x.shape
-        queries = self.check_queries(queries, H, W)
-        self.check_head(head)
         query, key, _ = self._project(x)
         index = torch.tensor([r * W + c for r, c in queries], device=x.device)
         attn = torch.softmax(query[:, head, index] @ key[:, head].transpose(1, 2), dim=-1)  # (B, Q, N/p^2)
@@ -143,13 +148,9 @@ class SimpleSelfAttention2d(AttentionLayer):
         o = F.scaled_dot_product_attention(F.pad(query, pad), F.pad(key, pad), value, scale=1.0)  # (B, 1, N, C)
         return x + self.gamma * o.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
 
-    def attention_maps(
-        self, x: torch.Tensor, queries: Sequence[tuple[int, int]] | None = None, head: int = 0
-    ) -> torch.Tensor:
+    def _maps(self, x: torch.Tensor, queries: list[tuple[int, int]], head: int) -> torch.Tensor:
         """(B, Q, H, W), each a softmax row summing to 1."""
         _, _, H, W = x.shape
-        queries = self.check_queries(queries, H, W)
-        self.check_head(head)
         query, key, _ = self._project(x)
         index = torch.tensor([r * W + c for r, c in queries], device=x.device)
         attn = torch.softmax(query[:, 0, index] @ key[:, 0].transpose(1, 2), dim=-1)

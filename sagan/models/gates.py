@@ -3,8 +3,6 @@ residual form every attention layer here takes: y = x + gamma * gated(x), gamma 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
@@ -63,12 +61,7 @@ class CBAM2d(AttentionLayer):
         h, gate = self._gates(x)
         return x + self.gamma * (h * gate)
 
-    def attention_maps(
-        self, x: torch.Tensor, queries: Sequence[tuple[int, int]] | None = None, head: int = 0
-    ) -> torch.Tensor:
+    def _maps(self, x: torch.Tensor, queries: list[tuple[int, int]], head: int) -> torch.Tensor:
         """(B, Q, H, W): the spatial gate, once per query (it does not depend on the query)."""
-        _, _, H, W = x.shape
-        queries = self.check_queries(queries, H, W)
-        self.check_head(head)
         _, gate = self._gates(x)
         return gate.expand(-1, len(queries), -1, -1)

@@ -3,8 +3,6 @@ each position attends to a window x window neighbourhood around itself, with lea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,13 +63,9 @@ class LocalSelfAttention2d(AttentionLayer):
         o = torch.einsum("bcwn,bwn->bcn", value, weights.to(value.dtype)).view(B, C // 2, H, W)
         return x + self.gamma * self.out(o)
 
-    def attention_maps(
-        self, x: torch.Tensor, queries: Sequence[tuple[int, int]] | None = None, head: int = 0
-    ) -> torch.Tensor:
+    def _maps(self, x: torch.Tensor, queries: list[tuple[int, int]], head: int) -> torch.Tensor:
         """(B, Q, H, W): each query's window weights placed around it on the whole map (zero elsewhere)."""
         _, _, H, W = x.shape
-        queries = self.check_queries(queries, H, W)
-        self.check_head(head)
         weights = self._weights(x)
         w, p = self.window, self.window // 2
         padded = weights.new_zeros(x.shape[0], len(queries), H + 2 * p, W + 2 * p)
