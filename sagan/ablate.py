@@ -30,11 +30,14 @@ from omegaconf import OmegaConf
 from sagan.ablation_report import read_json, read_run, write_report
 from sagan.ablation_studies import SCALES, protocol, variants
 from sagan.atomic_files import atomic_write
-from sagan.checkpoint import CheckpointError, load_checkpoint
+from sagan.checkpoint import CheckpointError, load_checkpoint, networks_from_checkpoint
 from sagan.cli import parse_args, run_cli
 from sagan.config import MetricsConfig, arg
+from sagan.demo_data import mirror_consistency
+from sagan.dist import resolve_device
 from sagan.evaluation import evaluate
 from sagan.fid import FidArgs
+from sagan.sampling import draw
 
 
 @dataclass
@@ -48,6 +51,7 @@ class AblateArgs:
     ref: Optional[str] = arg(None, "reference of the evaluation, as sagan-fid's ref=; default the scale's")
     ref_n: Optional[int] = arg(None, "reference images (a seeded subset); default the scale's, or all of another ref")
     rebuild: bool = arg(False, "train nothing: evaluate the finished runs not yet evaluated and rewrite the table")
+    mirror_n: int = arg(2048, "generated images of the demo's mirror consistency, for runs on the demo data")
     eval_device: str = arg("auto", "device of the evaluations (device= goes to the training runs)")
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -115,6 +119,8 @@ def ablate(args: AblateArgs, train_overrides: list[str]) -> list[Path]:
     runs = [(v, s) for v in names for s in range(args.seeds)]
     if args.seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {args.seeds}")
+    if args.mirror_n < 2:
+        raise ValueError(f"mirror_n must be >= 2 (the score compares images of a batch), got {args.mirror_n}")
 
     asked = {v: requested_config([*scale.overrides, f"+ablation={args.study}-{v}", *train_overrides]) for v in names}
     warned: set[tuple[str, int]] = set()
@@ -178,6 +184,8 @@ def ablate(args: AblateArgs, train_overrides: list[str]) -> list[Path]:
         + (f" ({ref_n} images)" if ref_n else "") + "; mean ± sample std over the seeds that finished.",
         f"Plot: `{scale.curve}` against training steps (results.png), where the runs logged it.",
     ]  # fmt: skip
+    if any(r.mirror is not None for r in results):
+        about.insert(-1, f"Mirror consistency (runs on the demo data): of {args.mirror_n} samples (seed 0) of the same G_ema.")
     paths = write_report(out, results, title=f"sagan-ablate {args.study} at scale {args.scale}", about=about, curve_key=scale.curve)
     for p in paths:
         print(p)
@@ -189,24 +197,35 @@ def ablate(args: AblateArgs, train_overrides: list[str]) -> list[Path]:
 def evaluate_run(
     directory: Path, args: AblateArgs, *, n: int, ref: str, ref_n: int | None, step: int, label: str
 ) -> None:
-    """FID and KID of the run's last checkpoint into eval.json (sagan-fid's metrics.json beside it), unless eval.json
-    holds the numbers of this protocol for this very checkpoint file."""
+    """FID and KID of the run's last checkpoint into eval.json (sagan-fid's metrics.json beside it), and for a run on
+    the demo data its mirror consistency; each unless eval.json holds it for this protocol and this checkpoint file."""
     out, ckpt = directory / "eval.json", directory / "checkpoints" / "last.pt"
     metrics = OmegaConf.to_container(args.metrics)
     stat = ckpt.stat()
-    asked = {"n": n, "ref": ref, "ref_n": ref_n, "step": step, "metrics": metrics, "ckpt": [stat.st_size, stat.st_mtime_ns]}
-    if read_json(out).get("asked") == asked:
-        return
-    print(f"evaluating {label}: {directory.name}", flush=True)
-    fid_args = OmegaConf.merge(
-        OmegaConf.structured(FidArgs),
-        {"ckpt": str(ckpt), "ref": ref, "n": n, "ref_n": ref_n, "kid": True, "isc": False, "seed": 0,
-         "device": args.eval_device, "out": str(directory / "metrics.json"), "metrics": metrics},
-    )  # fmt: skip
-    started = time.monotonic()
-    result = evaluate(fid_args)
-    record = {**result, "asked": asked, "eval_s": time.monotonic() - started}
-    atomic_write(out, (json.dumps(record, indent=2) + "\n").encode())
+    checkpoint = {"step": step, "ckpt": [stat.st_size, stat.st_mtime_ns]}
+    asked = {"n": n, "ref": ref, "ref_n": ref_n, "metrics": metrics, **checkpoint}
+    record = read_json(out)
+    written = dict(record)
+    if record.get("asked") != asked:
+        print(f"evaluating {label}: {directory.name}", flush=True)
+        fid_args = OmegaConf.merge(
+            OmegaConf.structured(FidArgs),
+            {"ckpt": str(ckpt), "ref": ref, "n": n, "ref_n": ref_n, "kid": True, "isc": False, "seed": 0,
+             "device": args.eval_device, "out": str(directory / "metrics.json"), "metrics": metrics},
+        )  # fmt: skip
+        started = time.monotonic()
+        result = evaluate(fid_args)
+        record = {**result, "asked": asked, "eval_s": time.monotonic() - started}
+    mirror_asked = {"n": args.mirror_n, "seed": 0, **checkpoint}
+    if record.get("mirror", {}).get("asked") != mirror_asked:
+        state = load_checkpoint(ckpt)
+        record.pop("mirror", None)
+        if state["config"]["data"]["name"] == "demo":
+            G, _ = networks_from_checkpoint(state, ema=True, device=resolve_device(args.eval_device))
+            images, _ = draw(G, args.mirror_n, seed=0)
+            record["mirror"] = {"asked": mirror_asked, "value": mirror_consistency(images)}
+    if record != written:
+        atomic_write(out, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 # What the table shows of a run's evaluation (eval.json) and log (metrics.jsonl), and how.
 COLUMNS = (("fid", "FID", 1.0, 2), ("kid", "KID x 10^3", 1e3, 2))
-MIRROR = "score/mirror_consistency"
 
 
 @dataclass
@@ -25,7 +24,7 @@ class RunResult:
     protocol: dict | None = None
     train_s: float | None = None  # training wall-clock, summed over resumes
     curve: list[tuple[int, float]] = field(default_factory=list)
-    mirror: float | None = None  # the demo's score at the last step
+    mirror: float | None = None  # the demo's score of G_ema at the last checkpoint (eval.json)
 
 
 def read_run(variant: str, seed: int, run_dir: Path, curve_key: str, steps: int, finished: bool) -> RunResult:
@@ -39,13 +38,13 @@ def read_run(variant: str, seed: int, run_dir: Path, curve_key: str, steps: int,
                 continue
             if curve_key in row:
                 result.curve.append((row["step"], row[curve_key]))
-            if MIRROR in row:
-                result.mirror = row[MIRROR]
             if "time/train_s" in row:
                 result.train_s = row["time/train_s"]
     saved = read_json(run_dir / "eval.json")
     if saved.get("asked", {}).get("step") == steps:  # an evaluation of the checkpoint the run has now
         result.metrics, result.protocol = saved["metrics"], saved["protocol"]
+    if saved.get("mirror", {}).get("asked", {}).get("step") == steps:
+        result.mirror = saved["mirror"]["value"]
     return result
 
 

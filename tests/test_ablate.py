@@ -10,10 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sagan.ablate import split_argv
 from sagan.ablation_report import RunResult, write_report
 from sagan.ablation_studies import variants
+from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
+from sagan.demo_data import mirror_consistency
+from sagan.sampling import draw
 
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
 needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs SAGAN_FID_WEIGHTS (offline FID Inception weights)")
@@ -79,7 +83,7 @@ def ablate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         sys.executable, "-m", "sagan.ablate", "study=sn_g", "scale=demo", "seeds=1", f"out={tmp_path / 'study'}",
         "n=12", "ref_n=12", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}",
         "model.g_ch=4", "model.d_ch=4", "data.size=64", "train.batch_size=8", "logger.mode=disabled",
-        "logger.num_samples=4", "logger.attn_images=2", *args,
+        "logger.num_samples=4", "logger.attn_images=2", "mirror_n=16", *args,
     ]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
 
@@ -94,13 +98,21 @@ def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path):
     table = (study / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| sn |", "| no_sn |"))]
     assert len(rows) == 2 and all("1 of 1" in row for row in rows)
-    for run in ("sn_g-sn_s0", "sn_g-no_sn_s0"):
+    for run, row in zip(("sn_g-sn_s0", "sn_g-no_sn_s0"), rows):
         saved = json.loads((study / run / "eval.json").read_text())
         assert saved["protocol"]["num_samples"] == 12 and saved["metrics"]["kid"] == saved["metrics"]["kid"]
+        # The demo's score, of mirror_n samples of G_ema at the last checkpoint, in eval.json and the table.
+        state = load_checkpoint(study / run / "checkpoints" / "last.pt")
+        G, _ = networks_from_checkpoint(state, ema=True, device=torch.device("cpu"))
+        expected = mirror_consistency(draw(G, 16, seed=0)[0])
+        assert saved["mirror"]["asked"]["n"] == 16 and saved["mirror"]["value"] == pytest.approx(expected, abs=1e-6)
+        assert f" {expected:.3f} " in row
     assert (study / "results.png").exists()
+    written = {run: (study / run / "eval.json").stat().st_mtime_ns for run in ("sn_g-sn_s0", "sn_g-no_sn_s0")}
 
     again = ablate(tmp_path, "train.steps=2")  # same study: nothing to train, nothing to evaluate
     assert again.returncode == 0 and "2 runs, 2 finished" in again.stdout and "warning" not in again.stdout
+    assert all((study / run / "eval.json").stat().st_mtime_ns == ns for run, ns in written.items())
     other = ablate(tmp_path, "train.steps=2", "optim.lr_d=1e-3", "rebuild=true")  # other settings: named, kept
     assert "sn_g-sn_s0 was trained with other settings (optim.lr_d)" in other.stdout and "2 finished" in other.stdout
     assert "running:" not in again.stdout and "evaluating" not in again.stdout
