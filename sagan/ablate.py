@@ -178,6 +178,7 @@ def ablate(args: AblateArgs, train_overrides: list[str]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     about = [
         f"Command: `sagan-ablate study={args.study} scale={args.scale} seeds={args.seeds}"
+        + (f" variants=[{','.join(args.variants)}]" if args.variants is not None else "")
         + "".join(f" {a}" for a in train_overrides) + "`",
         f"Scale: {scale.about}. Training overrides: `{' '.join(scale.overrides)}`.",
         f"Evaluation of each run's last checkpoint (G_ema): FID and KID of {n} samples (seed 0) against {ref}"
@@ -219,11 +220,11 @@ def evaluate_run(
     mirror_asked = {"n": args.mirror_n, "seed": 0, **checkpoint}
     if record.get("mirror", {}).get("asked") != mirror_asked:
         state = load_checkpoint(ckpt)
-        record.pop("mirror", None)
+        value = None  # the score means nothing off the demo data
         if state["config"]["data"]["name"] == "demo":
             G, _ = networks_from_checkpoint(state, ema=True, device=resolve_device(args.eval_device))
-            images, _ = draw(G, args.mirror_n, seed=0)
-            record["mirror"] = {"asked": mirror_asked, "value": mirror_consistency(images)}
+            value = mirror_consistency(draw(G, args.mirror_n, seed=0)[0])
+        record["mirror"] = {"asked": mirror_asked, "value": value}
     if record != written:
         atomic_write(out, (json.dumps(record, indent=2) + "\n").encode())
 

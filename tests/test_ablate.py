@@ -92,10 +92,11 @@ def ablate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 @needs_weights
 def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path):
     study = tmp_path / "study"
-    first = ablate(tmp_path, "train.steps=2")
+    first = ablate(tmp_path, "train.steps=2", "variants=[sn,no_sn]")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "2 variants x 1 seeds = 2 runs, 0 finished" in first.stdout
     table = (study / "results.md").read_text()
+    assert "`sagan-ablate study=sn_g scale=demo seeds=1 variants=[sn,no_sn] model.g_ch=4 " in table  # re-runnable
     rows = [line for line in table.splitlines() if line.startswith(("| sn |", "| no_sn |"))]
     assert len(rows) == 2 and all("1 of 1" in row for row in rows)
     for run, row in zip(("sn_g-sn_s0", "sn_g-no_sn_s0"), rows):
