@@ -135,6 +135,17 @@ def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path):
     assert rebuilt.returncode == 0 and "evaluating 1/2: sn_g-sn_s0" in rebuilt.stdout
     assert "running:" not in rebuilt.stdout and (study / "sn_g-sn_s0" / "eval.json").exists()
 
+    # A run trained on other data than the demo's has no mirror score: null in eval.json, "-" in its table row.
+    ckpt = study / "sn_g-no_sn_s0" / "checkpoints" / "last.pt"
+    state = load_checkpoint(ckpt)
+    state["config"]["data"]["name"] = "cifar10"
+    torch.save(state, ckpt)  # a new checkpoint file: evaluated again
+    off_demo = ablate(tmp_path, "train.steps=3", "rebuild=true")
+    assert off_demo.returncode == 0 and "evaluating 2/2: sn_g-no_sn_s0" in off_demo.stdout
+    assert json.loads((study / "sn_g-no_sn_s0" / "eval.json").read_text())["mirror"]["value"] is None
+    row = next(line for line in (study / "results.md").read_text().splitlines() if line.startswith("| no_sn seed 0 |"))
+    assert row.split(" | ")[3] == "-"  # run, FID, KID, mirror
+
 
 def test_unknown_variants_are_refused_before_any_work(tmp_path):
     from sagan.ablate import AblateArgs, ablate
