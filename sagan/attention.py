@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import MISSING
 
-from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
+from sagan.checkpoint import load_checkpoint, networks_from_checkpoint, run_dir_of
 from sagan.cli import parse_args, run_cli
 from sagan.attention_page import explorer_page
 from sagan.config import arg
@@ -51,14 +51,14 @@ def render_checkpoint(args: Any) -> list[Path]:
     state = load_checkpoint(args.ckpt)
     device = resolve_device(args.device)
     G, D = networks_from_checkpoint(state, ema=args.ema, device=device)
-    out = Path(args.out) if args.out else Path(args.ckpt).expanduser().resolve().parent.parent / "attention"
+    out = Path(args.out) if args.out else run_dir_of(args.ckpt) / "attention"
     out.mkdir(parents=True, exist_ok=True)
     z, y = latents(args.n, G, seed=args.seed)  # the first n images `sagan-sample seed=...` draws
     z, y = z.to(device), None if y is None else y.to(device)
     if args.format == "html":
-        real, y_real = real_images(state, args.n, G.num_classes, device) if args.real else (None, None)
-        title = f"{args.ckpt} (step {state['trainer']['step']}): {'G_ema' if args.ema else 'G'} on its samples, D on them" + (
-            " and on real images" if real is not None else ""
+        real, y_real = real_images(state, args.n, G.num_classes, device) if args.real and D is not None else (None, None)
+        title = f"{args.ckpt} (step {state['trainer']['step']}): {'G_ema' if args.ema else 'G'} on its samples" + (
+            "" if D is None else ", D on them" + (" and on real images" if real is not None else "")
         )
         path = out / "attention.html"
         path.write_text(explorer_page(G, D, z=z, y=y, real=real, y_real=y_real, title=title))
@@ -67,7 +67,8 @@ def render_checkpoint(args: Any) -> list[Path]:
     images = generate(G, z, y)
     queries = to_pixels(args.query or DEFAULT_QUERIES, G.resolution)
     figures = render_attention(G, lambda: G(z, y), images, queries, "G")
-    figures |= render_attention(D, lambda: D(images, y), images, queries, "D")
+    if D is not None:
+        figures |= render_attention(D, lambda: D(images, y), images, queries, "D")
     if not figures:
         raise ValueError(
             f"'{args.ckpt}' has no attention maps to draw: model.g_attn and model.d_attn are empty, or its "

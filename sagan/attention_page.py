@@ -136,7 +136,7 @@ def page_html(images: list[tuple[torch.Tensor, str]], layers: Sequence[LayerMaps
 
 def explorer_page(
     G: nn.Module,
-    D: nn.Module,
+    D: nn.Module | None,
     *,
     z: torch.Tensor,
     y: torch.Tensor | None,
@@ -146,7 +146,7 @@ def explorer_page(
 ) -> str:
     """The page for G on the samples of `z` (and labels `y`), and D on those samples and on `real` images (in [-1, 1],
     with labels `y_real`; None: generated images only). G as it is: in eval mode with its running or standing
-    statistics."""
+    statistics. D None (a checkpoint imported without one): G's layers only."""
     with torch.no_grad():
         was_training = G.training
         G.eval()
@@ -154,6 +154,8 @@ def explorer_page(
         G.train(was_training)
     images = [(image, f"generated {i}") for i, image in enumerate(to_uint8(fake).cpu())]
     layers = layer_maps(G, lambda: G(z, y), "G", list(range(len(z))))
+    if D is None:
+        return page_html(images, layers, title=title)
     d_images, d_labels = fake, y
     if real is not None:
         images += [(image, f"real {i}") for i, image in enumerate(to_uint8(real).cpu())]

@@ -29,9 +29,7 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last:
     """Write `step_XXXXXXX.pt` and `last.pt` (same bytes, serialised once), keeping the newest `keep_last` step files;
     with `best=True` also `best.pt`."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buffer)
-    data = buffer.getvalue()
+    data = serialize(state)
     if keep_last > 0:
         atomic_write(ckpt_dir / f"step_{step:07d}.pt", data)
         for old in sorted(step_files(ckpt_dir))[:-keep_last]:
@@ -41,6 +39,18 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last:
     last = ckpt_dir / "last.pt"
     atomic_write(last, data)
     return last
+
+
+def serialize(state: dict[str, Any]) -> bytes:
+    """A checkpoint's bytes: `state` with the format marker, as torch.save writes it."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    return buffer.getvalue()
+
+
+def model_record(cfg: Any, num_classes: int) -> dict[str, Any]:
+    """What defines the architecture, stored in checkpoints and compared on resume."""
+    return {**OmegaConf.to_container(cfg.model, resolve=True), "num_classes": num_classes}
 
 
 def remove_partial(ckpt_dir: Path) -> None:
@@ -94,17 +104,45 @@ def model_settings(saved: dict[str, Any]) -> dict[str, Any]:
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Fail with the differing keys, not a wall of state-dict names, when a checkpoint's model config differs."""
     saved = model_settings(saved)
-    keys = sorted((set(saved) | set(current)) - {"name"})  # a renamed preset with the same values is the same model
+    # A renamed preset with the same values is the same model; the init scheme does not matter to loaded weights.
+    keys = sorted((set(saved) | set(current)) - {"name", "init"})
     diffs = [f"model.{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
     if diffs:
         raise CheckpointError(f"checkpoint '{path}' is from another architecture: {'; '.join(diffs)}")
 
 
-def networks_from_checkpoint(state: dict[str, Any], *, ema: bool, device: torch.device) -> tuple[Generator, Discriminator]:
+def networks_from_checkpoint(
+    state: dict[str, Any], *, ema: bool, device: torch.device
+) -> tuple[Generator, Discriminator | None]:
     """G_ema (or G with `ema=False`) and D of a loaded checkpoint, rebuilt from the model settings it records, in
-    eval mode on `device`."""
+    eval mode on `device`. D is None for an imported checkpoint whose source had no D."""
     model = OmegaConf.create(model_settings(state["model"]))
     G, D = build_models(model, model.num_classes)
     G.load_state_dict(state["trainer"]["G_ema" if ema else "G"])
+    if "D" not in state["trainer"]:
+        return G.to(device).eval(), None
     D.load_state_dict(state["trainer"]["D"])
     return G.to(device).eval(), D.to(device).eval()
+
+
+NETWORKS = ("G_ema", "G", "D")
+
+
+def load_network(path: str | Path, net: str = "G_ema") -> Generator | Discriminator:
+    """One network of a sagan checkpoint (trained or imported), in eval mode on the CPU: `G(z, y)` draws images in
+    [-1, 1] from z of shape (B, G.z_dim) and labels in [0, G.num_classes) (None when G.num_classes is 0)."""
+    if net not in NETWORKS:
+        raise ValueError(f"net='{net}' is not in a sagan checkpoint: choose one of {', '.join(NETWORKS)}")
+    state = load_checkpoint(path)
+    G, D = networks_from_checkpoint(state, ema=net == "G_ema", device=torch.device("cpu"))
+    if net != "D":
+        return G
+    if D is None:
+        raise CheckpointError(f"'{path}' holds no D (it was imported from a generator alone)")
+    return D
+
+
+def run_dir_of(ckpt: str | Path) -> Path:
+    """The run directory a checkpoint belongs to (the parent of its checkpoints/ folder), or the folder it lies in."""
+    path = Path(ckpt).expanduser().resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent

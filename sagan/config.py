@@ -12,6 +12,8 @@ from hydra.core.config_store import ConfigStore
 
 from sagan.diffaugment import check_policy
 from sagan.models.attention_types import check_attention
+from sagan.models.discriminator import D_SHORTCUTS
+from sagan.models.layers import COND_BN_FORMS, SN_UPDATES
 
 
 @dataclass
@@ -36,6 +38,13 @@ class ModelConfig:
     # G's BatchNorm momentum (PyTorch's convention: running = (1 - m) running + m batch). 0.1 is PyTorch's and
     # BigGAN's default; the official TF code uses decay 0.999 (m = 0.001) in its conditional BNs, 0.9999 in the last.
     bn_momentum: float = 0.1
+    # What StudioGAN's networks do differently (conf/model/studiogan*.yaml sets them; README "Differences from
+    # StudioGAN"). The defaults are the official code's.
+    bn_eps: float = 1e-5  # G's BatchNorm epsilon (StudioGAN: 1e-4)
+    cond_bn: str = "tables"  # tables: per-class gain and bias (official) | linear: 1 + SN-linear(onehot y) (StudioGAN)
+    d_shortcut: str = "x"  # what D's blocks after the first feed their shortcut: x | relu (StudioGAN's relu(x))
+    sn_update: str = "uv"  # power-iteration order: uv (PyTorch's parametrization) | vu (official TF code, StudioGAN)
+    g_widths: Optional[list[int]] = None  # G's width multipliers of g_ch at 4x4 ... resolution; default per resolution
 
 
 @dataclass
@@ -73,6 +82,10 @@ class OptimConfig:
     # G_ema's BatchNorm statistics: standing (re-estimated from G_ema's own samples, BigGAN) | copy (G's running ones)
     ema_bn: str = "standing"
     ema_bn_batches: int = 16  # batches of the training batch size that standing statistics average over
+    # How a step runs the networks (the official code's way by default; StudioGAN's in experiment=cifar10_studiogan).
+    d_calls: int = 1  # D forwards per D step: 1 (real and fake together) | 2 (real, then fake: two power iterations)
+    d_sn_in_g_step: bool = False  # D's power iteration also runs in the G step (StudioGAN); false: D's u, v stay
+    g_bn_stats_in_d_step: bool = True  # the D step's G forward updates G's BatchNorm running statistics (StudioGAN: no)
 
 
 @dataclass
@@ -131,6 +144,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step and process, for a batch that does not fit at once
     seed: int = 0
     resume: Optional[str] = None  # auto: newest checkpoint of this run directory, or a checkpoint path
+    init_from: Optional[str] = None  # a new run (step 0) from this checkpoint's G, D and G_ema (trained or imported)
     ckpt_every: int = 2000
     keep_last: int = 3  # step-numbered checkpoints kept besides last.pt
     nan_rollbacks: int = 0  # on NaN/Inf: roll back to the last good checkpoint this many times (0: stop)
@@ -184,6 +198,11 @@ def check_config(cfg: Any, world_size: int = 1) -> None:
         (cfg.optim.ema_bn_batches >= 1, f"optim.ema_bn_batches must be >= 1, got {cfg.optim.ema_bn_batches}"),
         (cfg.optim.eps > 0, f"optim.eps must be > 0, got {cfg.optim.eps}"),
         (0 <= cfg.model.bn_momentum <= 1, f"model.bn_momentum must be in [0, 1], got {cfg.model.bn_momentum}"),
+        (cfg.model.bn_eps > 0, f"model.bn_eps must be > 0, got {cfg.model.bn_eps}"),
+        (cfg.model.cond_bn in COND_BN_FORMS, f"unknown model.cond_bn '{cfg.model.cond_bn}': choose one of {', '.join(COND_BN_FORMS)}"),
+        (cfg.model.d_shortcut in D_SHORTCUTS, f"unknown model.d_shortcut '{cfg.model.d_shortcut}': choose one of {', '.join(D_SHORTCUTS)}"),
+        (cfg.model.sn_update in SN_UPDATES, f"unknown model.sn_update '{cfg.model.sn_update}': choose one of {', '.join(SN_UPDATES)}"),
+        (cfg.optim.d_calls in (1, 2), f"optim.d_calls must be 1 or 2, got {cfg.optim.d_calls}"),
         (cfg.train.ckpt_every > 0, f"train.ckpt_every must be > 0, got {cfg.train.ckpt_every}"),
         (cfg.logger.image_every > 0, f"logger.image_every must be > 0, got {cfg.logger.image_every}"),
         (cfg.logger.num_samples > 0 and cfg.logger.attn_images > 0, "logger.num_samples and logger.attn_images must be > 0"),

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
+from sagan.checkpoint import load_checkpoint, networks_from_checkpoint, run_dir_of
 from sagan.datasets import TORCHVISION_SPLITS, ImageFolder, build_dataset, native_side, training_dataset
 from sagan.dist import SINGLE, World, main_rank_first, resolve_device
 from sagan.inception import Inception
@@ -111,7 +111,7 @@ def evaluate(args: Any, world: World = SINGLE, device: torch.device | None = Non
     result["reference_cached"] = reference.cached
     if world.main:
         print(report(metrics, protocol))
-        run_dir = Path(args.ckpt).expanduser().resolve().parent.parent if args.ckpt else Path.cwd()
+        run_dir = run_dir_of(args.ckpt) if args.ckpt else Path.cwd()
         out = Path(args.out) if args.out else run_dir / "metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

@@ -7,6 +7,9 @@ batches and taking the plain average of the batch statistics, then frozen (eval 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -39,6 +42,20 @@ def standing_statistics(G: nn.Module, *, batches: int, batch_size: int, seed: in
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         G.eval()
+
+
+@contextmanager
+def bn_statistics_paused(G: nn.Module) -> Iterator[None]:
+    """G's BatchNorms normalise with batch statistics inside the block but leave their running statistics (and
+    counters) as they are: StudioGAN's D step runs G this way."""
+    norms = [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 def is_bn_statistic(buffer_name: str) -> bool:

@@ -19,7 +19,7 @@ from sagan.dist import SINGLE, World, broadcast_buffers
 from sagan.losses import get_losses
 from sagan.power_iteration import power_iteration_paused
 from sagan.sync_batchnorm import use_plain_batchnorm
-from sagan.standing_stats import is_bn_statistic, standing_statistics
+from sagan.standing_stats import bn_statistics_paused, is_bn_statistic, standing_statistics
 
 log = logging.getLogger("sagan")
 
@@ -47,6 +47,9 @@ class Trainer:
         betas: tuple[float, float] = (0.0, 0.9),
         eps: float = 1e-8,
         n_dis: int = 1,
+        d_calls: int = 1,
+        d_sn_in_g_step: bool = False,
+        g_bn_stats_in_d_step: bool = True,
         ema_decay: float = 0.9999,
         ema_start: int = 1000,
         ema_bn: str = "standing",
@@ -68,6 +71,8 @@ class Trainer:
             raise ValueError(f"train.grad_accum must be >= 1, got {grad_accum}")
         if ema_bn not in EMA_BN:
             raise ValueError(f"unknown optim.ema_bn '{ema_bn}': choose one of {', '.join(EMA_BN)}")
+        if d_calls not in (1, 2):
+            raise ValueError(f"optim.d_calls must be 1 or 2, got {d_calls}")
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.G = G.to(self.device, memory_format=self.memory_format)
@@ -99,6 +104,8 @@ class Trainer:
         use_plain_batchnorm(self.G_ema)
         self.d_loss_fn, self.g_loss_fn = get_losses(loss)
         self.n_dis, self.ema_decay, self.ema_start, self.grad_accum = n_dis, ema_decay, ema_start, grad_accum
+        # The step's mechanics (see OptimConfig): the official code's by default, StudioGAN's with 2, True, False.
+        self.d_calls, self.d_sn_in_g_step, self.g_bn_stats_in_d_step = d_calls, d_sn_in_g_step, g_bn_stats_in_d_step
         # G_ema's BatchNorm statistics: "copy" takes G's running statistics at every EMA update; "standing"
         # re-estimates them from G_ema itself (`ema_generator`), so the EMA update copies only the other buffers.
         self.ema_bn, self.ema_bn_batches, self.ema_bn_batch_size = ema_bn, ema_bn_batches, ema_bn_batch_size
@@ -145,16 +152,20 @@ class Trainer:
         self.opt_d.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for real_m, y_real_m, z_m, y_fake_m in self.micro_batches(real, y_real, z, y_fake):
-            with torch.no_grad(), torch.autocast(**self.autocast):
-                fake = self.G_fast(z_m, y_fake_m).float()
-            # Real and fake in one forward: one spectral-norm power iteration per D step, as the official code does.
-            y = None if y_real_m is None else torch.cat([y_real_m, y_fake_m])
+            with torch.no_grad(), torch.autocast(**self.autocast), self._g_bn_statistics():
+                fake = self.G_fast(z_m, y_fake_m).to(real_m.dtype)  # bf16 under autocast: as the real images
             if self.augment is not None:  # the same policy for both, each image with its own draws
                 real_m, fake = self.augment(real_m), self.augment(fake)
-            images = torch.cat([real_m, fake]).contiguous(memory_format=self.memory_format)
             with torch.autocast(**self.autocast):
-                logits = self.D_train(images, y)
-            loss = self.d_loss_fn(*logits.float().chunk(2)) / self.grad_accum
+                if self.d_calls == 1:
+                    # Real and fake in one forward: one spectral-norm power iteration per D step, as the official code.
+                    y = None if y_real_m is None else torch.cat([y_real_m, y_fake_m])
+                    images = torch.cat([real_m, fake]).contiguous(memory_format=self.memory_format)
+                    real_logits, fake_logits = self.D_train(images, y).chunk(2)  # D's head is fp32 (or fp64)
+                else:  # StudioGAN: real, then fake, each forward with its own power iteration
+                    real_logits = self.D_train(real_m.contiguous(memory_format=self.memory_format), y_real_m)
+                    fake_logits = self.D_train(fake.contiguous(memory_format=self.memory_format), y_fake_m)
+            loss = self.d_loss_fn(real_logits, fake_logits) / self.grad_accum
             loss.backward()
             total += loss.detach()
         self.opt_d.step()
@@ -163,26 +174,31 @@ class Trainer:
     def g_step(self, batch_size: int) -> torch.Tensor:
         """One G update through a frozen D, as the official code does it: D's parameters get no gradients (they still
         pass gradients on to G) and D's spectral norm uses its current u and v, without a power iteration (the
-        official code builds this D call with update_collection=NO_OPS), so D's u moves once per D update."""
+        official code builds this D call with update_collection=NO_OPS), so D's u moves once per D update.
+        With `d_sn_in_g_step` D's power iteration runs here too, as in StudioGAN."""
         z, y = self.sample_latents(batch_size)
         self.opt_g.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         self.D.requires_grad_(False)
         try:
-            with power_iteration_paused(self.D):
+            with contextlib.nullcontext() if self.d_sn_in_g_step else power_iteration_paused(self.D):
                 for z_m, y_m in self.micro_batches(z, y):
                     with torch.autocast(**self.autocast):
                         fake = self.G_train(z_m, y_m)
                         if self.augment is not None:  # differentiable: G's gradients pass through it
-                            fake = self.augment(fake.float())  # in fp32, as in the D step
+                            fake = self.augment(fake.to(torch.promote_types(fake.dtype, torch.float32)))  # >= fp32, as in the D step
                         logits = self.D_fast(fake, y_m)
-                    loss = self.g_loss_fn(logits.float()) / self.grad_accum
+                    loss = self.g_loss_fn(logits) / self.grad_accum
                     loss.backward()
                     total += loss.detach()
         finally:
             self.D.requires_grad_(True)
         self.opt_g.step()
         return total
+
+    def _g_bn_statistics(self) -> contextlib.AbstractContextManager:
+        """Where the D step's G forward runs: G's BatchNorm running statistics updated, or (StudioGAN) left alone."""
+        return contextlib.nullcontext() if self.g_bn_stats_in_d_step else bn_statistics_paused(self.G)
 
     @torch.no_grad()
     def ema_update(self) -> None:
@@ -271,6 +287,12 @@ class Trainer:
             "lr_scale": self.lr_scale,
             **({"augment": self.augment.state_dict()} if self.augment is not None else {}),
         }
+
+    def load_weights(self, nets: dict[str, Any]) -> None:
+        """G, D and G_ema from another run's state (fine-tuning): the weights and buffers only, at this trainer's step."""
+        self.G.load_state_dict(nets["G"])
+        self.D.load_state_dict(nets["D"])
+        self.G_ema.load_state_dict(nets["G_ema"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`: weights, Adam's moments, the step and the latent stream from the checkpoint; the

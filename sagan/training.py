@@ -18,7 +18,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sagan.batch_stream import BatchStream, default_num_workers
-from sagan.checkpoint import check_same_model, find_latest, load_checkpoint, remove_partial, save_checkpoint
+from sagan.checkpoint import (
+    CheckpointError,
+    check_same_model,
+    find_latest,
+    load_checkpoint,
+    model_record,
+    remove_partial,
+    save_checkpoint,
+)
 from sagan.config import check_config
 from sagan.datasets import build_dataset, describe_dataset, with_fraction
 from sagan.demo_data import MirrorShapes, mirror_consistency
@@ -182,6 +190,8 @@ class Run:
         if path is not None:
             self.restore(path)
             log.info(f"resumed from {path} at step {self.trainer.step}")
+        elif cfg.train.init_from is not None:
+            self.start_from(Path(cfg.train.init_from).expanduser())
         elif cfg.train.resume == "auto":
             log.info(f"no checkpoint in {self.ckpt_dir}: starting from scratch")
         self.snapshots, self.logger, self.progress = None, None, None
@@ -237,6 +247,11 @@ class Run:
     def restore(self, path: Path) -> None:
         """Continue from a checkpoint (written by any number of ranks: the global batch and position are kept)."""
         state = load_checkpoint(path)
+        if "imported" in state:
+            raise CheckpointError(
+                f"{path} is imported (sagan-import): it has no optimizer state or data position to resume; start a new "
+                f"run from it with train.init_from={path}"
+            )
         check_same_model(state["model"], self.model, path)
         if "lr_scale" not in state["trainer"]:  # written before the factor was kept: the learning rate tells it
             state["trainer"]["lr_scale"] = (
@@ -250,6 +265,18 @@ class Run:
         self.best_fid = state["best_fid"]
         self.rollbacks = state.get("rollbacks", 0)
         self.train_s, self.clock = state.get("train_s", 0.0), time.monotonic()
+
+    def start_from(self, path: Path) -> None:
+        """A new run (step 0, fresh optimizers, this config's data) from the weights of another run's or an imported
+        checkpoint. A resumed run continues from its own checkpoints instead (train.resume)."""
+        state = load_checkpoint(path)
+        check_same_model(state["model"], self.model, path)
+        if "D" not in state["trainer"]:
+            raise CheckpointError(
+                f"train.init_from={path} holds no D (imported from a generator alone): import the run with its D file"
+            )
+        self.trainer.load_weights(state["trainer"])
+        log.info(f"new run from the G, D and G_ema of {path} (its step {state['trainer']['step']})")
 
     def checkpoint(self, best: bool = False) -> None:
         """Rank 0 writes; every rank returns once the file is complete."""
@@ -374,6 +401,9 @@ def build_trainer(
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
         n_dis=cfg.optim.n_dis,
+        d_calls=cfg.optim.d_calls,
+        d_sn_in_g_step=cfg.optim.d_sn_in_g_step,
+        g_bn_stats_in_d_step=cfg.optim.g_bn_stats_in_d_step,
         ema_decay=cfg.optim.ema_decay,
         ema_start=cfg.optim.ema_start,
         ema_bn=cfg.optim.ema_bn,
@@ -388,11 +418,6 @@ def build_trainer(
         else None,
         **perf,
     )
-
-
-def model_record(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
-    """What defines the architecture, stored in checkpoints and compared on resume."""
-    return {**OmegaConf.to_container(cfg.model, resolve=True), "num_classes": num_classes}
 
 
 def resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:

@@ -112,6 +112,17 @@ def test_sync_batchnorm_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_studiogans_step_on_two_processes_matches_one_process(tmp_path):
+    # experiment=cifar10_studiogan's network and step (two D calls per D step, D's power iteration in the G step, G's
+    # BatchNorm statistics left alone in the D step) under DDP, with the global batch's BatchNorm statistics.
+    studio = ["model=studiogan32", "optim.d_calls=2", "optim.d_sn_in_g_step=true", "optim.g_bn_stats_in_d_step=false",
+              "dist.sync_bn=true", "model.conditional=true"]  # fmt: skip
+    ddp = train_two_processes(tmp_path, *studio)
+    train(compose_config(*RUN, *studio), tmp_path / "single")
+    assert_trained_alike(trainer_state(ddp), trainer_state(tmp_path / "single"))
+
+
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sagan.train"]
     command += [*TINY, "train.steps=100000", "data.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}"]

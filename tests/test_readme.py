@@ -1,26 +1,36 @@
-"""Every command the README shows in its code blocks runs here, as written, with three substitutions: `ckpt=` is a
-tiny checkpoint trained for the test, numbers of images are capped at 64, and the offline Inception weights are added
-where they exist. `sagan-train` and `sagan-ablate` commands are composed (their configs are checked, nothing trains); `sagan-fid` commands
-whose images need a download or a path of the user's are parsed (keys and types checked) instead of run."""
+"""Every command the README shows in its code blocks runs here, as written, with four substitutions: `ckpt=` is a
+tiny checkpoint trained for the test, numbers of images are capped at 64, the offline Inception weights are added
+where they exist, and `sagan-import`'s `src=` is a small StudioGAN run written by StudioGAN's own code (with
+SAGAN_STUDIOGAN_SRC; skipped without it). `sagan-train` and `sagan-ablate` commands are composed (their configs are
+checked, nothing trains); `sagan-fid` commands whose images need a download or a path of the user's are parsed (keys
+and types checked) instead of run. Its Python blocks run as they are, in a folder where `cifar10_sagan.pt` is the
+tiny checkpoint."""
 
 import os
 import re
 import shlex
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import studiogan_parity as parity
+import studiogan_peer as peer
 from conftest import compose_config
 from sagan.ablate import AblateArgs, split_argv
 from sagan.ablation_studies import SCALES, variants
 from sagan.attention import AttentionArgs, render_checkpoint
+from sagan.checkpoint import load_checkpoint
 from sagan.cli import check_composes, parse_args
 from sagan.evaluation import evaluate
 from sagan.fid import FidArgs
+from sagan.import_weights import ImportArgs, import_run
 from sagan.sample import SampleArgs, sample
 from sagan.training import train
 
 README = Path(__file__).parents[1] / "README.md"
+COMMAND_NAMES = ("sagan-train", "sagan-sample", "sagan-attention", "sagan-fid", "sagan-ablate", "sagan-import")
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
 
 
@@ -33,12 +43,23 @@ def readme_commands() -> list[list[str]]:
             words = shlex.split(line, comments=True)
             if "-m" in words and words[0] in ("torchrun", "srun") and words[words.index("-m") + 1].startswith("sagan."):
                 words = ["sagan-" + words[words.index("-m") + 1].split(".")[1], *words[words.index("-m") + 2 :]]
-            if words and words[0] in ("sagan-train", "sagan-sample", "sagan-attention", "sagan-fid", "sagan-ablate"):
+            if words and words[0] in COMMAND_NAMES:
                 commands.append(words)
     return commands
 
 
 COMMANDS = readme_commands()
+
+
+@pytest.fixture(scope="module")
+def studiogan_run(tmp_path_factory) -> Path:
+    """A small StudioGAN CIFAR-10 SAGAN run folder (widths 32 and 16), as StudioGAN's own code saves one."""
+    if peer.source() is None:
+        pytest.skip(f"StudioGAN's src/ not found: set {peer.ENV}")
+    cfgs, G, D, _ = parity.studiogan(peer.source(), **{"MODEL.g_conv_dim": 8, "MODEL.d_conv_dim": 8})
+    folder = tmp_path_factory.mktemp("studiogan") / "run"
+    peer.save_run(folder, G, D, None, cfgs, step=1000, best_fid=np.float64(20.0))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +74,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def test_the_readme_shows_every_command():
     shown = {words[0] for words in COMMANDS}
-    assert shown == {"sagan-train", "sagan-sample", "sagan-attention", "sagan-fid", "sagan-ablate"} and len(COMMANDS) >= 20
+    assert shown == set(COMMAND_NAMES) and len(COMMANDS) >= 20
 
 
 def substituted(args: list[str], ckpt: Path) -> list[str]:
@@ -69,7 +90,7 @@ def substituted(args: list[str], ckpt: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=[" ".join(w)[:90] for w in COMMANDS])
-def test_readme_command_runs(words, checkpoint, tmp_path, monkeypatch):
+def test_readme_command_runs(words, checkpoint, tmp_path, monkeypatch, request):
     command, args = words[0], words[1:]
     monkeypatch.chdir(tmp_path)  # outputs named in the README (out=..., samples/) land here
     if command == "sagan-train":
@@ -85,6 +106,11 @@ def test_readme_command_runs(words, checkpoint, tmp_path, monkeypatch):
         for variant in variants(parsed.study, parsed.scale):
             check_composes([*scale.overrides, f"+ablation={parsed.study}-{variant}", *train_overrides])
         return
+    if command == "sagan-import":
+        run = request.getfixturevalue("studiogan_run")
+        out = import_run(parse_args(ImportArgs, [f"src={run}" if a.startswith("src=") else a for a in args]))
+        assert out.is_file() and load_checkpoint(out)["imported"]["from"] == "PyTorch-StudioGAN"
+        return
     args = substituted(args, checkpoint)
     if command == "sagan-sample":
         assert sample(parse_args(SampleArgs, [a.replace("class=", "class_=", 1) for a in args])).exists()
@@ -97,3 +123,13 @@ def test_readme_command_runs(words, checkpoint, tmp_path, monkeypatch):
             extra = [f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}", "isc=false", "prc=false"]
             result = evaluate(parse_args(FidArgs, [*args, *extra]))
             assert result["metrics"]["fid"] > 0
+
+
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+@pytest.mark.parametrize("code", PYTHON_BLOCKS, ids=[block.splitlines()[0][:60] for block in PYTHON_BLOCKS])
+def test_readme_python_runs(code, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(checkpoint, tmp_path / "cifar10_sagan.pt")
+    exec(compile(code, "README.md", "exec"), {})

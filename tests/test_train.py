@@ -33,6 +33,7 @@ def test_cifar10_recipes_are_the_paper_and_studiogan():
     o = studio.optim
     assert (o.lr_g, o.lr_d, o.beta1, o.beta2, o.eps, o.n_dis) == (2e-4, 2e-4, 0.5, 0.999, 1e-6, 5)
     assert (o.ema_decay, o.ema_bn, studio.model.init, studio.train.batch_size) == (0.0, "copy", "orthogonal", 64)
+    assert (studio.model.name, o.d_calls, o.d_sn_in_g_step, o.g_bn_stats_in_d_step) == ("studiogan32", 2, True, False)
 
 
 def test_no_ema_recipe_evaluates_g_itself():
@@ -47,10 +48,12 @@ def test_no_ema_recipe_evaluates_g_itself():
     assert all(torch.equal(G_state[k], v) for k, v in ema_state.items())
 
 
-@pytest.mark.parametrize("model", ["sagan32", "sagan64", "sagan128", "sagan256"])
+@pytest.mark.parametrize("model", ["sagan32", "sagan64", "sagan128", "sagan256", "studiogan32", "studiogan64", "studiogan128"])
 def test_every_model_preset_composes(model):
     cfg = compose_config(f"model={model}")
-    assert cfg.model.name == model and cfg.model.resolution == int(model[5:])
+    assert cfg.model.name == model and cfg.model.resolution == int(model.removeprefix("studiogan").removeprefix("sagan"))
+    G, D = build_models(compose_config(f"model={model}", "model.g_ch=8", "model.d_ch=8").model, num_classes=3)
+    assert G.resolution == D.resolution == cfg.model.resolution
 
 
 def test_smoke_run_writes_checkpoint_and_samples(tiny_cfg, tmp_path):

@@ -27,7 +27,7 @@ def build_models(model: Any, num_classes: int) -> tuple[Generator, Discriminator
     """G and D from a model config (conf/model/*.yaml, or the `model` record of a checkpoint)."""
     common = dict(
         resolution=model.resolution, num_classes=num_classes, attn_pool=model.attn_pool, attn_type=model.attn_type,
-        attn_heads=model.attn_heads, attn_window=model.attn_window, init=model.init,
+        attn_heads=model.attn_heads, attn_window=model.attn_window, init=model.init, sn_update=model.sn_update,
     )  # fmt: skip
     G = Generator(
         z_dim=model.z_dim,
@@ -35,9 +35,14 @@ def build_models(model: Any, num_classes: int) -> tuple[Generator, Discriminator
         attn_resolutions=tuple(model.g_attn),
         sn=model.g_sn,
         bn_momentum=model.bn_momentum,
+        bn_eps=model.bn_eps,
+        cond_bn=model.cond_bn,
+        widths=None if model.g_widths is None else tuple(model.g_widths),
         **common,
     )
-    D = Discriminator(ch=model.d_ch, attn_resolutions=tuple(model.d_attn), sn=model.d_sn, **common)
+    D = Discriminator(
+        ch=model.d_ch, attn_resolutions=tuple(model.d_attn), sn=model.d_sn, shortcut=model.d_shortcut, **common
+    )
     return G, D
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,14 @@ def check_attn_resolutions(attn_resolutions: Sequence[int], available: Sequence[
 
 
 class GBlock(nn.Module):
-    """Residual up-block: BN-ReLU-up-conv3x3-BN-ReLU-conv3x3, with an up-sampled 1x1-conv shortcut."""
+    """Residual up-block: BN-ReLU-up-conv3x3-BN-ReLU-conv3x3, with an up-sampled 1x1-conv shortcut. `bn` holds the
+    keyword arguments of its two GeneratorBatchNorm2d (momentum, eps, form)."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_classes: int, *, bn_momentum: float = 0.1) -> None:
+    def __init__(self, in_ch: int, out_ch: int, num_classes: int, *, bn: dict[str, Any]) -> None:
         super().__init__()
-        self.bn1 = GeneratorBatchNorm2d(in_ch, num_classes, momentum=bn_momentum)
+        self.bn1 = GeneratorBatchNorm2d(in_ch, num_classes, **bn)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.bn2 = GeneratorBatchNorm2d(out_ch, num_classes, momentum=bn_momentum)
+        self.bn2 = GeneratorBatchNorm2d(out_ch, num_classes, **bn)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1)
 
@@ -55,6 +57,9 @@ class Generator(nn.Module):
 
     `bn_momentum` is PyTorch's BatchNorm momentum for the running statistics (0.1, PyTorch's and BigGAN's default);
     the official TF code decays them much more slowly (momentum 0.001 in the conditional BNs, 0.0001 in the last BN).
+    `bn_eps` is every BatchNorm's epsilon (PyTorch's 1e-5; StudioGAN 1e-4), `cond_bn` the form of the class-conditional
+    BatchNorm (see GeneratorBatchNorm2d), `sn_update` the order of the power iteration (see apply_spectral_norm).
+    `widths` overrides the width multipliers of `ch` at 4x4, 8x8, ..., resolution (default WIDTHS[resolution]).
     """
 
     def __init__(
@@ -72,30 +77,41 @@ class Generator(nn.Module):
         sn: bool = True,
         init: str = "xavier",
         bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        cond_bn: str = "tables",
+        sn_update: str = "uv",
+        widths: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if resolution not in WIDTHS:
             raise ValueError(f"unsupported generator resolution {resolution}: choose one of {sorted(WIDTHS)}")
-        widths = [ch * m for m in WIDTHS[resolution]]
+        multipliers = WIDTHS[resolution] if widths is None else tuple(widths)
+        if len(multipliers) != len(WIDTHS[resolution]) or min(multipliers) < 1:
+            raise ValueError(
+                f"model.g_widths must give {len(WIDTHS[resolution])} positive width multipliers (4x4 to "
+                f"{resolution}x{resolution}) at {resolution} px, got {list(multipliers)}"
+            )
+        widths = [ch * m for m in multipliers]
         sizes = [4 * 2**i for i in range(1, len(widths))]
         check_attn_resolutions(attn_resolutions, sizes, "the generator")
         self.z_dim, self.resolution, self.num_classes = z_dim, resolution, num_classes
 
         self.linear = nn.Linear(z_dim, widths[0] * 4 * 4)
+        bn = dict(momentum=bn_momentum, eps=bn_eps, form=cond_bn)
         self.blocks = nn.ModuleDict()
         for i, (in_ch, out_ch, size) in enumerate(zip(widths[:-1], widths[1:], sizes)):
-            self.blocks[f"block{i}"] = GBlock(in_ch, out_ch, num_classes, bn_momentum=bn_momentum)
+            self.blocks[f"block{i}"] = GBlock(in_ch, out_ch, num_classes, bn=bn)
             if size in attn_resolutions:
                 self.blocks[f"attn{size}"] = build_attention(
                     attn_type, out_ch, pool=attn_pool, heads=attn_heads, window=attn_window, sn=False
                 )
         # The official code ends with an unconditional BN, also in the class-conditional generator.
-        self.out_bn = nn.BatchNorm2d(widths[-1], momentum=bn_momentum)
+        self.out_bn = nn.BatchNorm2d(widths[-1], momentum=bn_momentum, eps=bn_eps)
         self.out_conv = nn.Conv2d(widths[-1], 3, 3, padding=1)
 
         init_weights(self, init)
         if sn:
-            apply_spectral_norm(self)
+            apply_spectral_norm(self, update=sn_update)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if z.ndim != 2 or z.shape[1] != self.z_dim:

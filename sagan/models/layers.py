@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
 INIT_SCHEMES = ("xavier", "orthogonal", "normal")
+# model.sn_update: the order of the power iteration's two half-steps. "uv" is PyTorch's parametrization (u from the
+# stored v, then v); "vu" is the official TF code, PyTorch's older `spectral_norm` hook and so StudioGAN (v from the
+# stored u, then u).
+SN_UPDATES = ("uv", "vu")
+COND_BN_FORMS = ("tables", "linear")  # model.cond_bn, see GeneratorBatchNorm2d
 _SN_LAYERS = (nn.Conv2d, nn.Linear, nn.Embedding)
 
 
@@ -33,16 +39,20 @@ def init_weights(module: nn.Module, scheme: str) -> None:
             nn.init.zeros_(m.bias)
 
 
-def apply_spectral_norm(module: nn.Module) -> None:
-    """Spectrally normalise every conv, linear and embedding in `module`, one power iteration per forward.
+def apply_spectral_norm(module: nn.Module, *, update: str = "uv") -> None:
+    """Spectrally normalise every conv, linear and embedding in `module`, one power iteration per forward, its two
+    half-steps in the order `update` names (SN_UPDATES).
 
     Uses the parametrization API (not the old hook), because the hook version breaks `copy.deepcopy`, which the EMA
-    generator needs. Conditional-BN gains are plain parameters, not embeddings, so they stay unnormalised as in the
-    official code.
+    generator needs. Conditional-BN tables are plain parameters, not embeddings, so they stay unnormalised as in the
+    official code (`cond_bn="linear"` makes them linear layers, which are normalised).
     """
+    if update not in SN_UPDATES:
+        raise ValueError(f"unknown model.sn_update '{update}': choose one of {', '.join(SN_UPDATES)}")
+    kind = SpectralNormFP32 if update == "uv" else SpectralNormVFirst
     for m in list(module.modules()):
         if isinstance(m, _SN_LAYERS) and not parametrize.is_parametrized(m, "weight"):
-            parametrize.register_parametrization(m, "weight", SpectralNormFP32(m.weight, n_power_iterations=1, eps=1e-12))
+            parametrize.register_parametrization(m, "weight", kind(m.weight, n_power_iterations=1, eps=1e-12))
 
 
 class SpectralNormFP32(_SpectralNorm):
@@ -52,6 +62,18 @@ class SpectralNormFP32(_SpectralNorm):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         with torch.autocast(weight.device.type, enabled=False):
             return super().forward(weight)
+
+
+class SpectralNormVFirst(SpectralNormFP32):
+    """The same with the power iteration's half-steps swapped: v = normalize(W^T u), then u = normalize(W v), as the
+    official code and PyTorch's `spectral_norm` hook (StudioGAN) compute them. Both estimate sigma = u^T W v; one step
+    of each from the same u and v gives slightly different estimates."""
+
+    @torch.no_grad()
+    def _power_method(self, weight_mat: torch.Tensor, n_power_iterations: int) -> None:
+        for _ in range(n_power_iterations):  # in place, like the parent: DDP and DataParallel rely on it
+            self._v = F.normalize(torch.mv(weight_mat.H, self._u), dim=0, eps=self.eps, out=self._v)
+            self._u = F.normalize(torch.mv(weight_mat, self._v), dim=0, eps=self.eps, out=self._u)
 
 
 def spectral_sigmas(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,24 +95,39 @@ def spectral_sigmas(module: nn.Module) -> dict[str, torch.Tensor]:
 class GeneratorBatchNorm2d(nn.Module):
     """BatchNorm of the generator blocks, called as bn(x, y).
 
-    Class-conditional (official SAGAN): normalisation without affine parameters followed by a per-class gain and
-    bias, when `num_classes > 0`; otherwise ordinary affine BatchNorm and `y` is ignored.
+    Class-conditional when `num_classes > 0`: normalisation without affine parameters, then a per-class gain and
+    bias. `form="tables"` (the official SAGAN code) keeps them as two (classes, C) tables, gain starting at 1;
+    `form="linear"` (StudioGAN) computes them as 1 + W_g onehot(y) and W_b onehot(y) with two bias-free linear layers
+    (spectrally normalised and initialised with the rest of G). Unconditional: ordinary affine BatchNorm, `y` ignored.
     """
 
-    def __init__(self, channels: int, num_classes: int, *, momentum: float = 0.1) -> None:
+    def __init__(
+        self, channels: int, num_classes: int, *, momentum: float = 0.1, eps: float = 1e-5, form: str = "tables"
+    ) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=num_classes == 0, momentum=momentum)
-        if num_classes > 0:
+        if form not in COND_BN_FORMS:
+            raise ValueError(f"unknown model.cond_bn '{form}': choose one of {', '.join(COND_BN_FORMS)}")
+        self.bn = nn.BatchNorm2d(channels, affine=num_classes == 0, momentum=momentum, eps=eps)
+        self.form = form
+        if num_classes > 0 and form == "tables":
             self.gain = nn.Parameter(torch.ones(num_classes, channels))
             self.bias = nn.Parameter(torch.zeros(num_classes, channels))
+        elif num_classes > 0:
+            self.gain = nn.Linear(num_classes, channels, bias=False)
+            self.bias = nn.Linear(num_classes, channels, bias=False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.bn.affine:
             return self.bn(x)
         h = self.bn(x)
+        if self.form == "tables":
+            gain, bias = self.gain[y], self.bias[y]
+        else:
+            # W onehot(y) is column y of W: indexed, not multiplied (exact, and no TF32 rounding on a GPU).
+            gain, bias = 1 + self.gain.weight.t()[y], self.bias.weight.t()[y]
         # (B, C, H, W), y (B,) -> per-sample (B, C, 1, 1) affine, in the activation dtype: fp32 gains would promote a
         # bf16 generator to fp32 from here on under autocast.
-        gain, bias = self.gain[y].to(h.dtype), self.bias[y].to(h.dtype)
+        gain, bias = gain.to(h.dtype), bias.to(h.dtype)
         return h * gain[:, :, None, None] + bias[:, :, None, None]
 
 
