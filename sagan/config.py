@@ -145,6 +145,7 @@ class TrainConfig:
     seed: int = 0
     resume: Optional[str] = None  # auto: newest checkpoint of this run directory, or a checkpoint path
     init_from: Optional[str] = None  # a new run (step 0) from this checkpoint's G, D and G_ema (trained or imported)
+    lock: bool = True  # hold a lock on the run directory: a second trainer on it stops (false: a filesystem without locks)
     ckpt_every: int = 2000
     keep_last: int = 3  # step-numbered checkpoints kept besides last.pt
     nan_rollbacks: int = 0  # on NaN/Inf: roll back to the last good checkpoint this many times (0: stop)

@@ -18,8 +18,8 @@ LOCK_FILE = ".lock"
 _held: dict[Path, "RunLock"] = {}  # the locks this process holds, by run directory
 
 
-class RunLocked(RuntimeError):
-    """The run directory is locked: by another trainer, or it cannot be locked at all. The message says which."""
+class RunLocked(OSError):
+    """The run directory is locked by another trainer, or cannot be locked at all; the message says which."""
 
 
 class RunLock:

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from sagan.atomic_files import atomic_write
+from sagan.atomic_files import atomic_write, space_for
 
 log = logging.getLogger("sagan")
 
@@ -45,7 +45,7 @@ class RunLogger:
         # One W&B run per run directory: a resumed training run continues the same W&B run.
         id_file = run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)
+        atomic_write(id_file, run_id)
         self.wandb = wandb.init(
             project=project,
             entity=entity,
@@ -72,8 +72,11 @@ class RunLogger:
             self.metrics = open(path, "a")
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.metrics.flush()
+        """One row of metrics.jsonl (a full disk raises DiskFull; a row it cut short is dropped on resume) and W&B."""
+        row = json.dumps({"step": step, **scalars}) + "\n"
+        with space_for(self.run_dir / "metrics.jsonl", len(row)):
+            self.metrics.write(row)
+            self.metrics.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sagan.atomic_files import atomic_write, write_png
 from sagan.attention_page import explorer_page
 from sagan.images import to_float
 from sagan.visualize import generate, render_attention, save_grid
@@ -16,7 +17,8 @@ from sagan.visualize import generate, render_attention, save_grid
 class Snapshots:
     """Sample grids (G and G_ema on a fixed z), attention figures (G_ema on its samples, D on fixed real images) and
     the attention explorer page (G_ema on its samples, D on those and the real images), written under the run
-    directory: samples/step_XXXXXXX[_G].png, attention/step_XXXXXXX_<layer>.png, attention/step_XXXXXXX.html.
+    directory: samples/step_XXXXXXX[_G].png, attention/step_XXXXXXX_<layer>.png, attention/step_XXXXXXX.html, each
+    written whole or not at all (a full disk raises DiskFull).
     """
 
     def __init__(
@@ -51,12 +53,11 @@ class Snapshots:
         figures |= render_attention(D, lambda: D(self.real[:n], y_real), self.real[:n], self.queries, "D")
         for key, figure in figures.items():
             paths[f"attention/{key}"] = self.run_dir / "attention" / f"{name}_{key}.png"
-            paths[f"attention/{key}"].parent.mkdir(parents=True, exist_ok=True)
-            figure.save(paths[f"attention/{key}"])
+            write_png(paths[f"attention/{key}"], figure)
         if figures:
             title = f"{self.title}, step {step}: G_ema on its samples, D on them and on real images"
             page = explorer_page(G_ema, D, z=self.z[:n], y=y, real=self.real[:n], y_real=y_real, title=title)
             paths["attention/explorer"] = self.run_dir / "attention" / f"{name}.html"
-            paths["attention/explorer"].write_text(page)
+            atomic_write(paths["attention/explorer"], page)
         scores = {} if self.score is None else {"score/mirror_consistency": self.score(samples)}
         return paths, scores

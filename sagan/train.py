@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from sagan.cli import run_cli
 from sagan.dist import world_from_env
+from sagan.run_lock import acquire as acquire_run_dir
 from sagan.training import train
 
 
@@ -25,7 +26,28 @@ def main() -> None:
         # Under torchrun, rank 0 owns the run directory (train() hands its path to the others): the other ranks
         # write no Hydra directory or log file of their own, and show only warnings and errors.
         sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
-    run_cli(_hydra_main, check_overrides=overrides)
+        run_cli(_hydra_main, check_overrides=overrides)
+        return
+
+    def start() -> None:
+        # A run directory named on the command line is locked before Hydra writes its record (.hydra/) and log
+        # there: a second trainer on a live run changes nothing in it. train() holds the same lock (and takes it
+        # itself for the directories of sweeps).
+        named = named_run_dir(overrides)
+        if named is not None:
+            acquire_run_dir(named)
+        _hydra_main()
+
+    run_cli(start, check_overrides=overrides)
+
+
+def named_run_dir(overrides: list[str]) -> Path | None:
+    """The run directory `hydra.run.dir=...` names for a single run with the lock on; None otherwise (Hydra flags
+    such as a sweep's -m, an interpolated path, train.lock=false)."""
+    if any(a.startswith("-") for a in overrides) or any(a.lower() == "train.lock=false" for a in overrides):
+        return None
+    value = next((a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir=")), None)
+    return None if value is None or "${" in value else Path(value)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sagan.atomic_files import DiskFull, atomic_write
 from sagan.batch_stream import BatchStream, default_num_workers
 from sagan.checkpoint import (
     CheckpointError,
@@ -52,6 +53,8 @@ from sagan.models import attention_gammas, build_models, spectral_sigmas
 from sagan.preemption import StopRequest
 from sagan.progress import Progress
 from sagan.reference_stats import Reference, dataset_reference, default_cache_root
+from sagan.run_lock import RunLock, RunLocked
+from sagan.run_lock import acquire as acquire_run_dir
 from sagan.run_logger import RunLogger
 from sagan.sync_batchnorm import use_sync_batchnorm
 from sagan.trainer import Diverged, Trainer
@@ -67,14 +70,37 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     check_config(cfg, world_from_env().size)
     world, device = init_distributed(cfg.device, cfg.dist.timeout_min)
     run_dir = broadcast_object(run_dir, world)  # rank 0's
-    finished = broadcast_object(finished_step(cfg, run_dir) if world.main else None, world)
-    if finished is not None:
-        log.info(f"{run_dir} finished already (step {finished} of train.steps={cfg.train.steps}): nothing to do")
-        result = {"step": finished}
-    else:
-        result = training_loop(cfg, run_dir, world, device)
+    lock = hold_run_dir(run_dir, world) if cfg.train.lock else None
+    try:
+        finished = broadcast_object(finished_step(cfg, run_dir) if world.main else None, world)
+        if finished is not None:
+            log.info(f"{run_dir} finished already (step {finished} of train.steps={cfg.train.steps}): nothing to do")
+            result = {"step": finished}
+        else:
+            result = training_loop(cfg, run_dir, world, device)
+    except DiskFull as full:
+        latest = find_latest(run_dir / "checkpoints")
+        then = f"free some space, then continue with the same command plus hydra.run.dir={run_dir} train.resume=auto"
+        raise full.then(then + (f" (from {latest}, which is whole)" if latest else "")) from None
+    finally:
+        if lock is not None:
+            lock.release()
     leave_distributed(world)  # the loop's Run, with its DDP wrappers, is gone by now
     return result
+
+
+def hold_run_dir(run_dir: Path, world: World) -> RunLock | None:
+    """Rank 0 locks the run directory for the run (sagan.run_lock); when it cannot, every rank stops with its error."""
+    lock, problem = None, None
+    if world.main:
+        try:
+            lock = acquire_run_dir(run_dir)
+        except RunLocked as e:
+            problem = str(e)
+    problem = broadcast_object(problem, world)
+    if problem is not None:
+        raise RunLocked(problem)
+    return lock
 
 
 def training_loop(cfg: DictConfig, run_dir: Path, world: World, device: torch.device) -> dict[str, Any]:
@@ -198,7 +224,7 @@ class Run:
         if world.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_partial(self.ckpt_dir)
-            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+            atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             self.snapshots, self.logger = self.outputs(dataset, num_classes, device)
             # Rows that an earlier attempt logged past the checkpoint this run continues from (all of them, when it
             # starts afresh) are logged again by this run.

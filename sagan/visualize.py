@@ -7,6 +7,7 @@ the query point.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torchvision.utils import save_image
 
+from sagan.atomic_files import atomic_write
 from sagan.models import AttentionLayer
 
 # Query points as fractions (row, col) of the image: a left/right pair at two heights, so a user sees whether a point
@@ -152,8 +154,10 @@ def render_attention(
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=math.ceil(len(images) ** 0.5), normalize=True, value_range=(-1, 1))
+    """Images in [-1, 1] as one square-ish grid, a PNG file written atomically."""
+    buffer = io.BytesIO()
+    save_image(images, buffer, format="png", nrow=math.ceil(len(images) ** 0.5), normalize=True, value_range=(-1, 1))
+    atomic_write(path, buffer.getvalue())
 
 
 @torch.no_grad()
