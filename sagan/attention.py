@@ -22,13 +22,14 @@ from omegaconf import MISSING
 
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint, run_dir_of
 from sagan.cli import parse_args, run_cli
-from sagan.attention_page import explorer_page
+from sagan.visualization.explorer import explorer_page
 from sagan.config import arg
-from sagan.datasets import DatasetError, training_dataset
-from sagan.dist import resolve_device
-from sagan.images import to_float
-from sagan.sampling import latents
-from sagan.visualize import DEFAULT_QUERIES, generate, render_attention, to_pixels
+from sagan.data.dataset_base import DatasetError
+from sagan.data.datasets import training_dataset
+from sagan.utils.processes import resolve_device
+from sagan.data.images import to_float
+from sagan.evaluation.sampling import latents
+from sagan.visualization.figures import DEFAULT_QUERIES, generate, render_attention, to_pixels
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from sagan.atomic_files import atomic_write
+from sagan.utils.atomic_files import atomic_write
 from sagan.config import ModelConfig
 from sagan.models import Discriminator, Generator, build_models
 

@@ -14,11 +14,11 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
-from sagan.trainer import Diverged
+from sagan.utils.errors import UserError
 
 # Errors that mean "your input is wrong" (or the run diverged), not "the program is wrong": shown as one line
 # (HYDRA_FULL_ERROR=1 shows the traceback).
-USER_ERRORS = (ValueError, OSError, HydraException, OmegaConfBaseException, Diverged)
+USER_ERRORS = (ValueError, OSError, HydraException, OmegaConfBaseException, UserError)
 
 
 def one_line(error: BaseException) -> str:

@@ -10,10 +10,25 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from sagan.diffaugment import check_policy
 from sagan.models.attention_types import check_attention
 from sagan.models.discriminator import D_SHORTCUTS
 from sagan.models.layers import COND_BN_FORMS, SN_UPDATES
+
+
+# Choices of settings that the config checks here and the modules that use them check again: one constant each.
+EMA_BN = ("standing", "copy")  # optim.ema_bn: where G_ema's BatchNorm statistics come from (sagan.training.ema)
+AUGMENTS = ("none", "diffaugment")  # data.augment
+AUGMENT_POLICIES = ("color", "translation", "cutout")  # data.augment_policy: DiffAugment's operations
+PRECISIONS = ("fp32", "bf16")  # perf.precision, besides auto (sagan.training.step)
+
+
+def check_policy(policy: Any) -> None:
+    unknown = [p for p in policy if p not in AUGMENT_POLICIES]
+    if unknown or not policy:
+        raise ValueError(
+            f"data.augment_policy {list(policy)} is not a non-empty list of {', '.join(AUGMENT_POLICIES)}: "
+            "e.g. data.augment_policy=[color,translation,cutout]"
+        )
 
 
 @dataclass
@@ -195,7 +210,8 @@ def check_config(cfg: Any, world_size: int = 1) -> None:
         (cfg.optim.lr_g > 0 and cfg.optim.lr_d > 0, f"learning rates must be > 0, got lr_g={cfg.optim.lr_g} lr_d={cfg.optim.lr_d}"),
         (0 <= cfg.optim.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}"),
         (cfg.optim.n_dis >= 1, f"optim.n_dis must be >= 1, got {cfg.optim.n_dis}"),
-        (cfg.optim.ema_bn in ("standing", "copy"), f"unknown optim.ema_bn '{cfg.optim.ema_bn}': choose standing or copy"),
+        (cfg.optim.ema_bn in EMA_BN, f"unknown optim.ema_bn '{cfg.optim.ema_bn}': choose one of {', '.join(EMA_BN)}"),
+        (cfg.perf.precision in ("auto", *PRECISIONS), f"unknown perf.precision '{cfg.perf.precision}': choose auto, {', '.join(PRECISIONS)}"),
         (cfg.optim.ema_bn_batches >= 1, f"optim.ema_bn_batches must be >= 1, got {cfg.optim.ema_bn_batches}"),
         (cfg.optim.eps > 0, f"optim.eps must be > 0, got {cfg.optim.eps}"),
         (0 <= cfg.model.bn_momentum <= 1, f"model.bn_momentum must be in [0, 1], got {cfg.model.bn_momentum}"),
@@ -217,8 +233,8 @@ def check_config(cfg: Any, world_size: int = 1) -> None:
         if not ok:
             raise ValueError(message)
     check_attention(cfg.model.attn_type, cfg.model.attn_heads)
-    if cfg.data.augment not in ("none", "diffaugment"):
-        raise ValueError(f"unknown data.augment '{cfg.data.augment}': choose none or diffaugment")
+    if cfg.data.augment not in AUGMENTS:
+        raise ValueError(f"unknown data.augment '{cfg.data.augment}': choose one of {', '.join(AUGMENTS)}")
     check_policy(cfg.data.augment_policy)
     if not 0 < cfg.data.fraction <= 1:
         raise ValueError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")

@@ -20,11 +20,12 @@ from typing import Any
 from hydra import compose, initialize_config_module
 from omegaconf import MISSING, OmegaConf
 
-from sagan.atomic_files import atomic_write
+from sagan.utils.atomic_files import atomic_write
 from sagan.checkpoint import model_record, serialize
 from sagan.cli import parse_args, run_cli
 from sagan.config import arg
-from sagan.studiogan import convert_run, model_overrides, run_files
+from sagan.pretrained.studiogan import convert_run, model_overrides
+from sagan.pretrained.studiogan_files import run_files
 
 
 @dataclass

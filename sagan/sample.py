@@ -24,10 +24,10 @@ from PIL import Image
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
 from sagan.cli import parse_args, run_cli
 from sagan.config import arg
-from sagan.dist import resolve_device
-from sagan.images import to_float
-from sagan.sampling import draw
-from sagan.visualize import save_grid
+from sagan.utils.processes import resolve_device
+from sagan.data.images import to_float
+from sagan.evaluation.sampling import draw
+from sagan.visualization.figures import save_grid
 
 FORMATS = ("png", "grid", "npz")
 

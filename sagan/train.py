@@ -1,4 +1,4 @@
-"""`sagan-train`: the Hydra command line of `sagan.training.train` (`sagan-train --help`, `--cfg job`, overrides)."""
+"""`sagan-train`: the Hydra command line of `sagan.training.loop.train` (`sagan-train --help`, `--cfg job`, overrides)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sagan.cli import run_cli
-from sagan.dist import world_from_env
-from sagan.run_lock import acquire as acquire_run_dir
-from sagan.training import train
+from sagan.utils.processes import world_from_env
+from sagan.training.run_lock import acquire as acquire_run_dir
+from sagan.training.loop import train
 
 
 @hydra.main(version_base="1.3", config_path="pkg://sagan.conf", config_name="config")

@@ -82,9 +82,9 @@ def measure_step(spec: dict) -> dict:
     from omegaconf import OmegaConf
 
     from sagan.config import PerfConfig
-    from sagan.dist import resolve_perf
+    from sagan.utils.processes import resolve_perf
     from sagan.models import build_models
-    from sagan.trainer import Trainer
+    from sagan.training.step import Trainer
 
     device = torch.device(spec["device"])
     with initialize_config_module(config_module="sagan.conf", version_base="1.3"):

@@ -18,13 +18,13 @@ import tempfile
 import torch
 
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
-from sagan.demo_data import MirrorShapes, mirror_consistency
-from sagan.dist import SINGLE
-from sagan.inception import Inception
-from sagan.metrics import evaluate_generator
-from sagan.reference_stats import dataset_reference
-from sagan.sampling import draw
-from sagan.standing_stats import is_bn_statistic
+from sagan.data.demo import MirrorShapes, mirror_consistency
+from sagan.utils.processes import SINGLE
+from sagan.evaluation.inception import Inception
+from sagan.evaluation.metrics import evaluate_generator
+from sagan.evaluation.reference_stats import dataset_reference
+from sagan.evaluation.sampling import draw
+from sagan.training.standing_stats import is_bn_statistic
 
 
 def variants(state: dict) -> dict[str, torch.nn.Module]:

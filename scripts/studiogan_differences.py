@@ -30,7 +30,7 @@ import studiogan_parity as parity  # noqa: E402
 import studiogan_peer as peer  # noqa: E402
 from sagan.checkpoint import load_checkpoint  # noqa: E402
 from sagan.models import build_models  # noqa: E402
-from sagan.trainer import Trainer  # noqa: E402
+from sagan.training.step import Trainer  # noqa: E402
 
 # (difference, the setting that is StudioGAN's, the change back to sagan's default, where it shows)
 SETTINGS = [

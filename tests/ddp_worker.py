@@ -10,11 +10,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sagan.batch_stream import BatchStream
-from sagan.demo_data import MirrorShapes
-from sagan.dist import init_distributed, leave_distributed
+from sagan.data.batch_stream import BatchStream
+from sagan.data.demo import MirrorShapes
+from sagan.utils.processes import init_distributed, leave_distributed
 from sagan.models import build_models
-from sagan.trainer import Trainer
+from sagan.training.step import Trainer
 from conftest import TINY, compose_config
 
 

@@ -17,8 +17,8 @@ import studiogan_peer as peer
 from sagan.checkpoint import load_checkpoint
 from sagan.import_weights import ImportArgs, import_run
 from sagan.models import build_models
-from sagan.studiogan import convert_discriminator, convert_generator
-from sagan.trainer import Trainer
+from sagan.pretrained.studiogan import convert_discriminator, convert_generator
+from sagan.training.step import Trainer
 
 CIFAR = "CIFAR10/SAGAN.yaml"
 

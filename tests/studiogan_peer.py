@@ -216,7 +216,7 @@ def settle_power_iterations(net: torch.nn.Module, iterations: int = 50) -> None:
 
 def grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The network's state dict with every parameter replaced by its gradient (buffers by zeros): converted by
-    sagan.studiogan like a state dict, it lines up with sagan's parameters."""
+    sagan.pretrained.studiogan like a state dict, it lines up with sagan's parameters."""
     return {
         k: v.grad if isinstance(v, torch.nn.Parameter) and v.grad is not None else torch.zeros_like(v)
         for k, v in net.state_dict(keep_vars=True).items()

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy import stats
 
 from sagan.ablate import split_argv
-from sagan.ablation_report import RunResult, write_report
-from sagan.ablation_studies import variants
+from sagan.ablation.report import RunResult, write_report
+from sagan.ablation.studies import variants
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
-from sagan.demo_data import mirror_consistency
-from sagan.sampling import draw
+from sagan.data.demo import mirror_consistency
+from sagan.evaluation.sampling import draw
 
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
 needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs SAGAN_FID_WEIGHTS (offline FID Inception weights)")
@@ -68,7 +69,9 @@ def test_table_rows_are_means_and_sample_stds_over_finished_runs(tmp_path):
     ]  # fmt: skip
     results.append(RunResult("b", 2, tmp_path / "b2", steps=40))  # unfinished: listed, not averaged
     md, png = write_report(tmp_path, results, title="t", about=["about"], curve_key="score")
-    rows = {line.split(" | ")[0].strip("| "): line for line in md.read_text().splitlines() if line.startswith("| ")}
+    text = md.read_text()
+    tables = text.split("Each variant against")[0] + text.split("Every run:")[1]  # the variants' rows, every run's
+    rows = {line.split(" | ")[0].strip("| "): line for line in tables.splitlines() if line.startswith("| ")}
     a, b = fids["a"], fids["b"]
     assert f"{statistics.mean(a):.2f} ± {statistics.stdev(a):.2f}" in rows["a"]
     assert f"{statistics.mean(b):.2f} ± {statistics.stdev(b):.2f}" in rows["b"] and "2 of 3" in rows["b"]
@@ -76,6 +79,13 @@ def test_table_rows_are_means_and_sample_stds_over_finished_runs(tmp_path):
     assert f"{statistics.mean([1.0, 2.0, 3.0]):.1f} ± {statistics.stdev([1.0, 2.0, 3.0]):.1f}" in rows["a"]  # minutes
     assert "unfinished" in rows["b seed 2"]
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    # b against a, the first variant: the difference, Welch's interval and p, Mann-Whitney's p, as scipy computes them.
+    welch = stats.ttest_ind(b, a, equal_var=False)
+    interval = welch.confidence_interval(0.95)
+    fid_row = next(line for line in md.read_text().splitlines() if line.startswith("| b | FID |"))
+    assert f"| {statistics.mean(b) - statistics.mean(a):+.2f} | {interval.low:+.2f} to {interval.high:+.2f} |" in fid_row
+    assert f"| {welch.pvalue:.3f} | {stats.mannwhitneyu(b, a, alternative='two-sided').pvalue:.3f} | 2 and 3 |" in fid_row
+    assert "| b | mirror consistency |" in md.read_text()
 
 
 def ablate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -148,7 +158,8 @@ def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path):
 
 
 def test_unknown_variants_are_refused_before_any_work(tmp_path):
-    from sagan.ablate import AblateArgs, ablate
+    from sagan.ablate import AblateArgs
+    from sagan.ablation.runner import ablate
     from sagan.cli import parse_args
 
     args = parse_args(AblateArgs, ["study=sn_g", "variants=[sn,nope]", f"out={tmp_path / 'study'}"])
@@ -172,7 +183,7 @@ def test_help_lists_the_keys_and_examples(capsys, monkeypatch):
 
 
 def test_settings_that_differ_are_named():
-    from sagan.ablate import differences
+    from sagan.ablation.runner import differences
 
     a = {"model": {"g_ch": 16, "g_attn": [16]}, "optim": {"lr_d": 4e-4}}
     b = {"model": {"g_ch": 8, "g_attn": [16]}, "optim": {"lr_d": 4e-4, "eps": 1e-8}}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sagan.attention_page import PAGE_BUDGET, dequantise, explorer_page, layer_maps
+from sagan.visualization.explorer import PAGE_BUDGET, dequantise, explorer_page, layer_maps
 from sagan.models import Discriminator, Generator, SelfAttention2d
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

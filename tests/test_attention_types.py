@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from sagan.config import ModelConfig
 from sagan.models import AttentionLayer, SelfAttention2d, attention_gammas, build_models
 from sagan.models.attention_types import ATTN_TYPES, build_attention
-from sagan.visualize import capture_attention_inputs, render_attention
+from sagan.visualization.figures import capture_attention_inputs, render_attention
 
 HEADS = {"multihead": 2}
 MAPS = {"sagan": 1, "multihead": 2, "simple": 1, "local": 1, "cbam": 1, "se": 0, "residual": 0}

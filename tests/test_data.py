@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sagan.batch_stream import BatchStream
-from sagan.datasets import DatasetError, TorchvisionImages, build_dataset
-from sagan.demo_data import MirrorShapes, mirror_consistency
+from sagan.data.batch_stream import BatchStream
+from sagan.data.dataset_base import DatasetError
+from sagan.data.datasets import build_dataset
+from sagan.data.torchvision_sets import TorchvisionImages
+from sagan.data.demo import MirrorShapes, mirror_consistency
 
 R = 16
 

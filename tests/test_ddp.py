@@ -16,13 +16,13 @@ from conftest import TINY, compose_config
 from sagan.checkpoint import load_checkpoint
 from sagan.cli import parse_args
 from sagan.config import check_config
-from sagan.evaluation import evaluate
-from sagan.fid import FidArgs
-from sagan.dist import rank_part, rank_seed
-from sagan.sampling import draw
+from sagan.evaluation.evaluate import evaluate
+from sagan.evaluation.request import FidArgs
+from sagan.utils.processes import rank_part, rank_seed
+from sagan.evaluation.sampling import draw
 from sagan.models import build_models
-from sagan.sync_batchnorm import SyncBatchNorm2d, use_sync_batchnorm
-from sagan.training import train
+from sagan.training.sync_batchnorm import SyncBatchNorm2d, use_sync_batchnorm
+from sagan.training.loop import train
 
 TESTS = Path(__file__).parent
 # Small and short: 4 steps of the tiny model, checkpoints at 2 and 4, in fp32 (bf16 rounding would hide the comparison).

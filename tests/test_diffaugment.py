@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from sagan.checkpoint import load_checkpoint
-from sagan.datasets import DataFraction, build_dataset, describe_dataset
-from sagan.diffaugment import DiffAugment, brightness, contrast, cutout, saturation, translation
+from sagan.data.datasets import DataFraction, build_dataset
+from sagan.training.diffaugment import DiffAugment, brightness, contrast, cutout, saturation, translation
 from sagan.models import Discriminator, Generator
-from sagan.trainer import Trainer
-from sagan.training import train
+from sagan.training.step import Trainer
+from sagan.training.loop import train
 
 
 def constant(value: float):
@@ -153,7 +153,7 @@ def test_data_fraction_is_one_fixed_subset_with_labels():
     image, label = tenth[3]
     assert torch.equal(image, whole[tenth.indices[3]][0]) and label == whole[tenth.indices[3]][1]
     assert tenth.num_classes == whole.num_classes > 0
-    assert "a seeded 0.1 of it: 20 of 200 images" in describe_dataset(tenth, "demo")
+    assert "a seeded 0.1 of it: 20 of 200 images" in tenth.describe("demo")
     with pytest.raises(ValueError, match=r"data.fraction must be in \(0, 1\]"):
         DataFraction(whole, 0)
 
@@ -180,7 +180,7 @@ def test_bad_augment_settings_fail_clearly(tiny_cfg, tmp_path, override, message
 def test_every_rank_augments_its_own_rows_of_one_draw():
     """Two ranks with the same seed draw for both halves of the batch and use their own: together they augment the
     whole batch exactly as one process does, and each keeps the same random state."""
-    from sagan.dist import World
+    from sagan.utils.processes import World
 
     x = torch.rand(8, 3, 16, 16) * 2 - 1
     one = DiffAugment(["color", "translation", "cutout"], device=torch.device("cpu"), seed=3)

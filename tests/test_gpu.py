@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import compose_config
-from sagan.batch_stream import BatchStream
-from sagan.demo_data import MirrorShapes
+from sagan.data.batch_stream import BatchStream
+from sagan.data.demo import MirrorShapes
 from sagan.models import SelfAttention2d, build_models
 from sagan.models.layers import apply_spectral_norm
-from sagan.trainer import Trainer
+from sagan.training.step import Trainer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -79,7 +79,7 @@ def test_resume_switches_fused_adam_either_way(fused_before, fused_after):
     state = before.state_dict()
     after = trainer_for("sagan32", fused_adam=fused_after)
     after.load_state_dict(state)
-    assert all(bool(g["fused"]) == fused_after for g in after.opt_g.param_groups + after.opt_d.param_groups)
+    assert all(bool(g["fused"]) == fused_after for g in after.opt.g.param_groups + after.opt.d.param_groups)
     after.train_step(batches)  # fused Adam needs its step counters on the GPU: a failed load would raise here
     assert after.step == 2
 
@@ -111,9 +111,9 @@ def test_evaluation_during_training_equals_sagan_fid_on_the_gpu(tmp_path):
     import os
 
     from sagan.cli import parse_args
-    from sagan.evaluation import evaluate
-    from sagan.fid import FidArgs
-    from sagan.training import train
+    from sagan.evaluation.evaluate import evaluate
+    from sagan.evaluation.request import FidArgs
+    from sagan.training.loop import train
 
     weights = os.environ.get("SAGAN_FID_WEIGHTS")
     if not weights:
@@ -132,7 +132,7 @@ def test_evaluation_during_training_equals_sagan_fid_on_the_gpu(tmp_path):
 @pytest.mark.parametrize("kind", ["multihead", "simple", "local", "se", "cbam", "residual"])
 def test_every_attention_type_trains_a_bf16_step_with_diffaugment(kind):
     """Each model.attn_type in the CIFAR preset, with DiffAugment drawing on the GPU: a finite step that moves gamma."""
-    from sagan.diffaugment import DiffAugment
+    from sagan.training.diffaugment import DiffAugment
 
     torch.manual_seed(0)
     model = compose_config("model=sagan32", f"model.attn_type={kind}", f"model.attn_heads={2 if kind == 'multihead' else 1}").model

@@ -12,8 +12,9 @@ from sagan.attention import AttentionArgs, render_checkpoint
 from sagan.cli import parse_args
 from sagan.config import LoggerConfig
 from sagan.models import Discriminator, Generator
-from sagan.training import train, warn_dead_attention
-from sagan.visualize import DEFAULT_QUERIES, colormap, overlay, render_attention, to_pixels
+from sagan.training.loop import train
+from sagan.training.monitoring import warn_dead_attention
+from sagan.visualization.figures import DEFAULT_QUERIES, colormap, overlay, render_attention, to_pixels
 
 
 def test_offline_run_logs_images_and_gamma_history(tiny_cfg, tmp_path):

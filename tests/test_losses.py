@@ -1,6 +1,6 @@
 import torch
 
-from sagan.losses import get_losses
+from sagan.training.losses import get_losses
 
 REAL = torch.tensor([2.0, 0.5, -1.0])
 FAKE = torch.tensor([-2.0, 0.0, 1.5])

@@ -14,10 +14,10 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 
 from sagan.checkpoint import load_checkpoint
 from sagan.cli import parse_args
-from sagan.evaluation import evaluate
-from sagan.fid import FidArgs
-from sagan.inception import Inception
-from sagan.metrics import (
+from sagan.evaluation.evaluate import evaluate
+from sagan.evaluation.request import FidArgs
+from sagan.evaluation.inception import Inception
+from sagan.evaluation.metrics import (
     MetricsError,
     Protocol,
     check_request,
@@ -27,8 +27,8 @@ from sagan.metrics import (
     kid_subset,
     report,
 )
-from sagan.reference_stats import Reference, ReferenceStatsError, load_reference_file
-from sagan.training import train
+from sagan.evaluation.reference_stats import Reference, ReferenceStatsError, load_reference_file
+from sagan.training.loop import train
 
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
 needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs SAGAN_FID_WEIGHTS (offline FID Inception weights)")
@@ -204,6 +204,13 @@ def test_fid_of_a_set_against_itself_is_zero(tmp_path):
     assert result["isc_skipped"] and "is" not in result["metrics"]  # the offline weights have no classifier: no IS
     written = json.loads((tmp_path / "m.json").read_text())
     assert written["protocol"]["num_samples"] == 24 and written["protocol"]["feature_extractor"] == "inception-v3-compat"
+
+
+def test_inception_score_alone_with_an_all_zero_classifier_is_refused_saying_why(tmp_path):
+    write_images(tmp_path / "a", 4, 32)
+    weights = zero_classifier_weights(tmp_path)
+    with pytest.raises(MetricsError, match=r"IS refused: the classifier in .* is all zeros .* always be 1\.0"):
+        evaluate(fid_args(f"gen={tmp_path / 'a'}", f"ref={tmp_path / 'a'}", "isc=true", "fid=false", f"metrics.inception_weights={weights}"))
 
 
 @needs_weights

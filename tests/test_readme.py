@@ -1,9 +1,9 @@
-"""Every command the README shows in its code blocks runs here, as written, with four substitutions: `ckpt=` is a
+"""Every command the README and the pages under docs/ show in their code blocks runs here, as written, with four substitutions: `ckpt=` is a
 tiny checkpoint trained for the test, numbers of images are capped at 64, the offline Inception weights are added
 where they exist, and `sagan-import`'s `src=` is a small StudioGAN run written by StudioGAN's own code (with
 SAGAN_STUDIOGAN_SRC; skipped without it). `sagan-train` and `sagan-ablate` commands are composed (their configs are
 checked, nothing trains); `sagan-fid` commands whose images need a download or a path of the user's are parsed (keys
-and types checked) instead of run. Its Python blocks run as they are, in a folder where `cifar10_sagan.pt` is the
+and types checked) instead of run. Their Python blocks run as they are, in a folder where `cifar10_sagan.pt` is the
 tiny checkpoint."""
 
 import os
@@ -19,17 +19,18 @@ import studiogan_parity as parity
 import studiogan_peer as peer
 from conftest import compose_config
 from sagan.ablate import AblateArgs, split_argv
-from sagan.ablation_studies import SCALES, variants
+from sagan.ablation.studies import SCALES, variants
 from sagan.attention import AttentionArgs, render_checkpoint
 from sagan.checkpoint import load_checkpoint
 from sagan.cli import check_composes, parse_args
-from sagan.evaluation import evaluate
-from sagan.fid import FidArgs
+from sagan.evaluation.evaluate import evaluate
+from sagan.evaluation.request import FidArgs
 from sagan.import_weights import ImportArgs, import_run
 from sagan.sample import SampleArgs, sample
-from sagan.training import train
+from sagan.training.loop import train
 
 README = Path(__file__).parents[1] / "README.md"
+PAGES = [README, *sorted((README.parent / "docs").glob("*.md"))]
 COMMAND_NAMES = ("sagan-train", "sagan-sample", "sagan-attention", "sagan-fid", "sagan-ablate", "sagan-import")
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
 
@@ -38,7 +39,8 @@ def readme_commands() -> list[list[str]]:
     """The sagan commands of the README's bash blocks (continued lines joined, comments dropped), as argv lists; a
     `torchrun ... -m sagan.X` line counts as the command sagan-X."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+    blocks = [block for page in PAGES for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)]
+    for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if "-m" in words and words[0] in ("torchrun", "srun") and words[words.index("-m") + 1].startswith("sagan."):
@@ -125,7 +127,7 @@ def test_readme_command_runs(words, checkpoint, tmp_path, monkeypatch, request):
             assert result["metrics"]["fid"] > 0
 
 
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+PYTHON_BLOCKS = [block for page in PAGES for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
 
 
 @pytest.mark.parametrize("code", PYTHON_BLOCKS, ids=[block.splitlines()[0][:60] for block in PYTHON_BLOCKS])
@@ -133,3 +135,24 @@ def test_readme_python_runs(code, checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copy(checkpoint, tmp_path / "cifar10_sagan.pt")
     exec(compile(code, "README.md", "exec"), {})
+
+
+LINK = re.compile(r"\]\(([^)#\s]*)(#[^)\s]*)?\)")
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {"#" + re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_links_between_pages_resolve(page):
+    """Every relative link of the README and the pages names a file that exists, and an anchor that a heading makes."""
+    for target, anchor in LINK.findall(page.read_text()):
+        if target.startswith(("http://", "https://")):
+            continue
+        path = (page.parent / target).resolve() if target else page
+        assert path.exists(), f"{page.name}: {target} does not exist"
+        if anchor and path.suffix == ".md":
+            assert anchor in anchors(path), f"{page.name}: {target}{anchor} names no heading of {path.name}"

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from sagan.checkpoint import load_checkpoint
-from sagan.training import train
-from sagan.trainer import Diverged, Trainer
+from sagan.training.loop import train
+from sagan.training.divergence import Diverged
+from sagan.training.step import Trainer
 
 
 @pytest.fixture

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from sagan import run_lock
-from sagan.atomic_files import DiskFull, atomic_write, space_for
+from sagan.training import run_lock
+from sagan.utils.atomic_files import DiskFull, atomic_write, space_for
 from sagan.checkpoint import load_checkpoint
 from sagan.cli import one_line
-from sagan.run_logger import RunLogger
-from sagan.training import train
+from sagan.training.run_logger import RunLogger
+from sagan.training.loop import train
 from test_robustness import logged_step, start, wait_for
 
 

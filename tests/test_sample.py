@@ -7,13 +7,13 @@ from PIL import Image
 from sagan.cli import parse_args
 from sagan.models import Generator
 from sagan.sample import SampleArgs, sample
-from sagan.sampling import draw, latents
+from sagan.evaluation.sampling import draw, latents
 
 
 @pytest.fixture(scope="module")
 def conditional_ckpt(tmp_path_factory):
     from conftest import compose_config
-    from sagan.training import train
+    from sagan.training.loop import train
 
     run = tmp_path_factory.mktemp("run")
     overrides = ["experiment=demo", "model.g_ch=4", "model.d_ch=4", "data.size=16", "train.batch_size=4",

@@ -24,13 +24,13 @@ import studiogan_peer as peer
 from conftest import compose_config
 from sagan.checkpoint import CheckpointError, load_checkpoint, model_record, serialize
 from sagan.config import ModelConfig, OptimConfig
-from sagan.dist import SINGLE
+from sagan.utils.processes import SINGLE
 from sagan.import_weights import ImportArgs, import_run
 from sagan.models import build_models
 from sagan.models.discriminator import DBlock
 from sagan.models.layers import GeneratorBatchNorm2d, SpectralNormFP32, apply_spectral_norm
-from sagan.studiogan import sha256
-from sagan.training import Run
+from sagan.pretrained.studiogan_files import sha256
+from sagan.training.run import Run
 
 SRC = peer.source()
 needs_studiogan = pytest.mark.skipif(SRC is None, reason=f"StudioGAN's src/ not found: set {peer.ENV}")

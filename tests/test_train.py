@@ -9,11 +9,11 @@ from PIL import Image
 
 from conftest import TINY, compose_config
 from sagan.checkpoint import load_checkpoint
-from sagan.batch_stream import BatchStream
-from sagan.demo_data import MirrorShapes
+from sagan.data.batch_stream import BatchStream
+from sagan.data.demo import MirrorShapes
 from sagan.models import build_models
-from sagan.training import train
-from sagan.trainer import Trainer
+from sagan.training.loop import train
+from sagan.training.step import Trainer
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sagan.images import to_float
+from sagan.data.images import to_float
 from sagan.models import Discriminator, Generator
-from sagan.trainer import Trainer
+from sagan.training.step import Trainer
 
 
 def batches(n: int = 4):
@@ -54,7 +54,7 @@ def test_train_step_updates_both_networks_and_returns_device_losses():
     assert trainer.step == 1
     assert any(not torch.equal(a, b) for a, b in zip(g0, trainer.G.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(d0, trainer.D.parameters()))
-    assert trainer.opt_d.state[next(iter(trainer.D.parameters()))]["step"] == 2  # n_dis D steps
+    assert trainer.opt.d.state[next(iter(trainer.D.parameters()))]["step"] == 2  # n_dis D steps
 
 
 def test_resume_on_another_device_type_continues_with_a_seeded_stream(caplog):
@@ -74,14 +74,14 @@ def test_bf16_channels_last_step_keeps_fp32_state():
     conv = trainer.G.blocks.block0.conv1
     assert conv.parametrizations.weight.original.dtype == torch.float32
     assert conv.parametrizations.weight.original.is_contiguous(memory_format=torch.channels_last)
-    assert trainer.opt_g.state[conv.parametrizations.weight.original]["exp_avg"].dtype == torch.float32
+    assert trainer.opt.g.state[conv.parametrizations.weight.original]["exp_avg"].dtype == torch.float32
 
 
 def test_perf_auto_resolution():
     from omegaconf import OmegaConf
 
     from sagan.config import PerfConfig
-    from sagan.dist import resolve_perf
+    from sagan.utils.processes import resolve_perf
 
     auto = resolve_perf(OmegaConf.structured(PerfConfig()), torch.device("cpu"))
     native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -174,7 +174,7 @@ def test_standing_statistics_belong_to_g_ema_and_sampling_is_repeatable():
     assert torch.equal(trainer.ema_generator()(z), first)  # same step: not recomputed, same images
     assert all(torch.equal(u_before[k], v) for k, v in sn_vectors(G_ema).items())  # no power iteration
     # The statistics are a function of G_ema's weights: recomputed from scratch they are the same.
-    trainer._ema_stats_step = -1
+    trainer.ema._stats_step = -1
     assert torch.equal(trainer.ema_generator()(z), first)
     # Checkpoints keep them: a trainer loaded from the state draws the same images without recomputing them.
     other = tiny_trainer(ema_bn="standing", ema_bn_batches=4, ema_bn_batch_size=4)

@@ -1,5 +1,6 @@
 """A study's results from its run directories: `results.md` (one row per variant: mean +- std over seeds, steps,
-wall-clock; then every run) and `results.png` (the scale's curve against training steps, one colour per variant)."""
+wall-clock; each variant against the first, with the difference, its 95% confidence interval and two-sided p-values;
+then every run) and `results.png` (the scale's curve against training steps, one colour per variant)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from scipy import stats
 
 # What the table shows of a run's evaluation (eval.json) and log (metrics.jsonl), and how.
 COLUMNS = (("fid", "FID", 1.0, 2), ("kid", "KID x 10^3", 1e3, 2))
@@ -93,7 +96,13 @@ def write_report(out: Path, results: list[RunResult], *, title: str, about: list
             f"{r.train_s:.0f}" if r.train_s is not None else "-",
             r.run_dir.name,
         ])  # fmt: skip
-    lines = [f"# {title}", "", *about, "", markdown_table([head, *rows]), "", "Every run:", "", markdown_table(per_run), ""]
+    lines = [f"# {title}", "", *about, "", markdown_table([head, *rows]), ""]
+    against = comparisons(results, variants, demo)
+    if len(against) > 1:
+        lines += [f"Each variant against {variants[0]}, over the finished runs: the difference of the means, its 95%",
+                  "confidence interval and p-value by Welch's t-test, and the Mann-Whitney U test's p-value (two-sided):",
+                  "", markdown_table(against), ""]  # fmt: skip
+    lines += ["Every run:", "", markdown_table(per_run), ""]
     md = out / "results.md"
     md.write_text("\n".join(lines))
     if not any(r.curve for r in results):  # e.g. no mirror score off the demo data, no in-training FID
@@ -101,6 +110,35 @@ def write_report(out: Path, results: list[RunResult], *, title: str, about: list
     png = out / "results.png"
     plot_curves(results, variants, curve_key, title, png)
     return [md, png]
+
+
+def comparisons(results: list[RunResult], variants: list[str], demo: bool) -> list[list[str]]:
+    """A table of every variant against the first (the study's reference): per metric with at least two finished runs
+    on each side, the difference of the means, its Welch 95% confidence interval, Welch's and Mann-Whitney's p."""
+    measures = [(key, name, scale, digits) for key, name, scale, digits in COLUMNS]
+    measures += [("mirror", "mirror consistency", 1.0, 3)] if demo else []
+
+    def values(variant: str, key: str) -> list[float]:
+        done = [r for r in results if r.variant == variant and r.finished]
+        found = [r.mirror if key == "mirror" else r.metrics.get(key) for r in done]
+        return [v for v in found if v is not None and math.isfinite(v)]
+
+    rows = [["variant", "measure", "difference", "95% interval", "Welch p", "Mann-Whitney p", "runs"]]
+    for variant in variants[1:]:
+        for key, name, scale, digits in measures:
+            a = [v * scale for v in values(variants[0], key)]
+            b = [v * scale for v in values(variant, key)]
+            if len(a) < 2 or len(b) < 2:
+                continue
+            welch = stats.ttest_ind(b, a, equal_var=False)
+            ci = welch.confidence_interval(0.95)
+            u = stats.mannwhitneyu(b, a, alternative="two-sided")
+            rows.append([
+                variant, name, f"{statistics.mean(b) - statistics.mean(a):+.{digits}f}",
+                f"{ci.low:+.{digits}f} to {ci.high:+.{digits}f}", f"{welch.pvalue:.3f}", f"{u.pvalue:.3f}",
+                f"{len(b)} and {len(a)}",
+            ])  # fmt: skip
+    return rows
 
 
 def markdown_table(rows: list[list[str]]) -> str:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from sagan.power_iteration import power_iteration_paused
+from sagan.training.power_iteration import power_iteration_paused
 
 
 @torch.no_grad()

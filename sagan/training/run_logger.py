@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from sagan.atomic_files import atomic_write, space_for
+from sagan.utils.atomic_files import atomic_write, space_for
 
 log = logging.getLogger("sagan")
 

@@ -14,23 +14,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sagan.dist import SINGLE, World
+from sagan.config import check_policy
+from sagan.utils.processes import SINGLE, World
 
-POLICIES = ("color", "translation", "cutout")
 TRANSLATION_RATIO = 1 / 8
 CUTOUT_RATIO = 1 / 2
 
 # A source of uniform draws: (batch, *shape) -> U[0, 1) of that shape, one row per image.
 Uniform = Callable[..., torch.Tensor]
-
-
-def check_policy(policy: Sequence[str]) -> None:
-    unknown = [p for p in policy if p not in POLICIES]
-    if unknown or not policy:
-        raise ValueError(
-            f"data.augment_policy {list(policy)} is not a non-empty list of {', '.join(POLICIES)}: "
-            "e.g. data.augment_policy=[color,translation,cutout]"
-        )
 
 
 def brightness(x: torch.Tensor, uniform: Uniform) -> torch.Tensor:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sagan.datasets import DatasetError, reraise_worker_error
+from sagan.data.dataset_base import DatasetError, reraise_worker_error
 
 
 def default_num_workers() -> int:

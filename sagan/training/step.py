@@ -1,9 +1,10 @@
-"""One GAN training step (n_dis D steps, one G step, EMA) and the state a checkpoint needs to continue it exactly."""
+"""One GAN training step (n_dis D steps, one G step, the EMA update) and the state a checkpoint needs to continue it
+exactly. The optimizers (sagan.training.optimizers), G_ema (sagan.training.ema) and the NaN watch
+(sagan.training.divergence) are their own rooms; this one runs the networks."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -13,27 +14,24 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sagan.diffaugment import DiffAugment
-from sagan.images import to_float
-from sagan.dist import SINGLE, World, broadcast_buffers
-from sagan.losses import get_losses
-from sagan.power_iteration import power_iteration_paused
-from sagan.sync_batchnorm import use_plain_batchnorm
-from sagan.standing_stats import bn_statistics_paused, is_bn_statistic, standing_statistics
+from sagan.config import PRECISIONS
+from sagan.data.images import to_float
+from sagan.training.diffaugment import DiffAugment
+from sagan.training.divergence import NonFiniteWatch
+from sagan.training.ema import EmaGenerator
+from sagan.training.losses import get_losses
+from sagan.training.optimizers import Optimizers
+from sagan.training.power_iteration import power_iteration_paused
+from sagan.training.standing_stats import bn_statistics_paused
+from sagan.utils.processes import SINGLE, World, broadcast_buffers
 
 log = logging.getLogger("sagan")
-
-EMA_BN = ("standing", "copy")  # where G_ema's BatchNorm statistics come from (see `Trainer.ema_generator`)
-
-
-class Diverged(RuntimeError):
-    """Training produced NaN or Inf; the message names what, when, and the last good checkpoint."""
 
 
 class Trainer:
     """G, D, G_ema, both Adam optimizers and the latent RNG: everything one step touches and a checkpoint holds.
 
-    Knows nothing about configs, files or logging; `train.py` drives it.
+    Knows nothing about configs, files or logging; sagan.training.run drives it.
     """
 
     def __init__(
@@ -65,26 +63,17 @@ class Trainer:
         compile: bool = False,
         augment: DiffAugment | None = None,
     ) -> None:
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"unknown precision '{precision}': use fp32 or bf16")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
         if grad_accum < 1:
             raise ValueError(f"train.grad_accum must be >= 1, got {grad_accum}")
-        if ema_bn not in EMA_BN:
-            raise ValueError(f"unknown optim.ema_bn '{ema_bn}': choose one of {', '.join(EMA_BN)}")
         if d_calls not in (1, 2):
             raise ValueError(f"optim.d_calls must be 1 or 2, got {d_calls}")
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.G = G.to(self.device, memory_format=self.memory_format)
         self.D = D.to(self.device, memory_format=self.memory_format)
-        # The optimizer settings come from the arguments, also on resume (`load_state_dict` keeps only the moments);
-        # `lr_scale` is what NaN rollbacks have multiplied the learning rates by so far.
-        self.lr = {"G": lr_g, "D": lr_d}
-        # fused=None, not False, without fused Adam: torch then picks its multi-tensor (foreach) implementation.
-        self.adam = {"betas": tuple(betas), "eps": eps, "fused": fused_adam or None}
-        self.lr_scale = 1.0
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=lr_g, **self.adam)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=lr_d, **self.adam)
+        self.opt = Optimizers(self.G, self.D, lr_g=lr_g, lr_d=lr_d, betas=betas, eps=eps, fused=fused_adam)
         # bf16 autocast for the G and D forwards; weights, optimizer, spectral norm and losses stay fp32.
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         # Views of the same modules (same parameters) that the step runs through; checkpoints use G and D.
@@ -98,21 +87,16 @@ class Trainer:
             self.G_train, self.D_train = DDP(self.G_fast, device_ids=ids), DDP(self.D_fast, device_ids=ids)
         else:
             self.G_train, self.D_train = self.G_fast, self.D_fast
-        # After DDP gave every rank rank 0's weights. G_ema's BatchNorms are plain ones also when G's are synchronised:
-        # its standing statistics are computed by whichever rank needs them, alone.
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        use_plain_batchnorm(self.G_ema)
+        # After DDP gave every rank rank 0's weights.
+        self.ema = EmaGenerator(
+            self.G, decay=ema_decay, start=ema_start, bn=ema_bn, bn_batches=ema_bn_batches,
+            bn_batch_size=ema_bn_batch_size, seed=seed,
+        )  # fmt: skip
+        self.G_ema = self.ema.G
         self.d_loss_fn, self.g_loss_fn = get_losses(loss)
-        self.n_dis, self.ema_decay, self.ema_start, self.grad_accum = n_dis, ema_decay, ema_start, grad_accum
+        self.n_dis, self.grad_accum = n_dis, grad_accum
         # The step's mechanics (see OptimConfig): the official code's by default, StudioGAN's with 2, True, False.
         self.d_calls, self.d_sn_in_g_step, self.g_bn_stats_in_d_step = d_calls, d_sn_in_g_step, g_bn_stats_in_d_step
-        # G_ema's BatchNorm statistics: "copy" takes G's running statistics at every EMA update; "standing"
-        # re-estimates them from G_ema itself (`ema_generator`), so the EMA update copies only the other buffers.
-        self.ema_bn, self.ema_bn_batches, self.ema_bn_batch_size = ema_bn, ema_bn_batches, ema_bn_batch_size
-        self._ema_buffers = [
-            (name, buffer) for name, buffer in self.G_ema.named_buffers() if ema_bn == "copy" or not is_bn_statistic(name)
-        ]
-        self._ema_stats_step = -1  # the step whose weights G_ema's standing statistics belong to
         # Latents and fake labels come from their own generator, saved in checkpoints, so resume is exact. Every rank
         # draws the latents of the whole global batch and takes its own slice: the run draws the same latents
         # whatever the number of ranks, so its checkpoints resume on any number of them.
@@ -121,9 +105,7 @@ class Trainer:
         # DiffAugment of everything D sees (data.augment), or None; its random stream is checkpointed too.
         self.augment = augment
         self.step = 0  # G steps done
-        # The first step at which each loss was NaN/Inf (-1: never), kept on the device and read only by
-        # `nonfinite()`: checking every step would cost a host sync per step.
-        self.first_bad = torch.full((2,), -1, dtype=torch.long, device=self.device)
+        self.watch = NonFiniteWatch(self.device)
 
     def sample_latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's `n` latents (and fake labels): its slice of the global batch of n * world.size."""
@@ -149,7 +131,7 @@ class Trainer:
 
     def d_step(self, real: torch.Tensor, y_real: torch.Tensor | None) -> torch.Tensor:
         z, y_fake = self.sample_latents(real.shape[0])
-        self.opt_d.zero_grad(set_to_none=True)
+        self.opt.d.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for real_m, y_real_m, z_m, y_fake_m in self.micro_batches(real, y_real, z, y_fake):
             with torch.no_grad(), torch.autocast(**self.autocast), self._g_bn_statistics():
@@ -168,7 +150,7 @@ class Trainer:
             loss = self.d_loss_fn(real_logits, fake_logits) / self.grad_accum
             loss.backward()
             total += loss.detach()
-        self.opt_d.step()
+        self.opt.d.step()
         return total
 
     def g_step(self, batch_size: int) -> torch.Tensor:
@@ -177,7 +159,7 @@ class Trainer:
         official code builds this D call with update_collection=NO_OPS), so D's u moves once per D update.
         With `d_sn_in_g_step` D's power iteration runs here too, as in StudioGAN."""
         z, y = self.sample_latents(batch_size)
-        self.opt_g.zero_grad(set_to_none=True)
+        self.opt.g.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         self.D.requires_grad_(False)
         try:
@@ -193,41 +175,16 @@ class Trainer:
                     total += loss.detach()
         finally:
             self.D.requires_grad_(True)
-        self.opt_g.step()
+        self.opt.g.step()
         return total
 
     def _g_bn_statistics(self) -> contextlib.AbstractContextManager:
         """Where the D step's G forward runs: G's BatchNorm running statistics updated, or (StudioGAN) left alone."""
         return contextlib.nullcontext() if self.g_bn_stats_in_d_step else bn_statistics_paused(self.G)
 
-    @torch.no_grad()
-    def ema_update(self) -> None:
-        """G_ema <- decay * G_ema + (1 - decay) * G after `ema_start` steps, a copy of G before.
-
-        Buffers (BatchNorm statistics, spectral-norm u and v) are copied, never averaged: averaged u/v vectors shrink
-        and under-estimate sigma.
-        """
-        ema_params, params = list(self.G_ema.parameters()), list(self.G.parameters())
-        if self.step <= self.ema_start:
-            torch._foreach_copy_(ema_params, params)
-        else:
-            torch._foreach_lerp_(ema_params, params, 1 - self.ema_decay)
-        if self._ema_buffers:  # none without spectral norm in G (model.g_sn=false) and with standing statistics
-            G_buffers = dict(self.G.named_buffers())
-            torch._foreach_copy_([b for _, b in self._ema_buffers], [G_buffers[n] for n, _ in self._ema_buffers])
-
     def ema_generator(self) -> nn.Module:
-        """G_ema, ready to draw samples, FID or figures, and to be saved: in eval mode, and with `ema_bn="standing"`
-        with standing BatchNorm statistics of its current weights (computed once per step, when first asked for)."""
-        if self.ema_bn == "standing" and self._ema_stats_step != self.step:
-            standing_statistics(
-                self.G_ema,
-                batches=self.ema_bn_batches,
-                batch_size=self.ema_bn_batch_size,
-                seed=self.seed,
-            )
-            self._ema_stats_step = self.step
-        return self.G_ema.eval()
+        """G_ema as it is now, ready to sample, evaluate and save (see EmaGenerator.ready)."""
+        return self.ema.ready(self.step)
 
     def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """n_dis D steps on fresh real batches, one G step, one EMA update. Losses stay on the device (no sync).
@@ -246,45 +203,28 @@ class Trainer:
         # DDP sends rank 0's buffers (BN statistics, SN u and v) at the start of each forward; the forwards after that
         # updated them on each rank: send them again, so every rank ends the step with the same state.
         broadcast_buffers([self.G, self.D], self.world)
-        self.ema_update()
+        self.ema.update(self.G, self.step)
         losses = torch.stack([d_loss, g_loss])
         if self.world.size > 1:  # the global batch's losses, so every rank sees (and acts on) the same values
             dist.all_reduce(losses)
             losses /= self.world.size
+        self.watch.record(self.step, losses)
         d_loss, g_loss = losses.unbind()
-        bad = ~torch.isfinite(losses)
-        self.first_bad = torch.where(bad & (self.first_bad < 0), self.step, self.first_bad)
         return {"d_loss": d_loss, "g_loss": g_loss}
 
     def nonfinite(self) -> str | None:
         """What went NaN/Inf since the last check (losses, or G/D parameters), or None. Syncs with the device."""
-        first = self.first_bad.tolist()
-        self.first_bad.fill_(-1)
-        bad = [f"{name} (first at step {step})" for name, step in zip(("d_loss", "g_loss"), first) if step >= 0]
-        for name, net in (("G", self.G), ("D", self.D)):
-            norms = torch._foreach_norm(list(net.parameters()))
-            if not bool(torch.isfinite(torch.stack(norms)).all()):
-                bad.append(f"{name} parameters (at step {self.step})")
-        return f"non-finite {', '.join(bad)}" if bad else None
-
-    def set_lr_scale(self, scale: float) -> None:
-        """Train from now on with both learning rates times `scale` (NaN rollbacks lower it); kept in checkpoints."""
-        self.lr_scale = scale
-        for name, opt in (("G", self.opt_g), ("D", self.opt_d)):
-            for group in opt.param_groups:
-                group["lr"] = self.lr[name] * scale  # the expression a resume computes: bit-identical learning rates
+        return self.watch.check({"G": self.G, "D": self.D}, self.step)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "G": self.G.state_dict(),
             "D": self.D.state_dict(),
             "G_ema": self.ema_generator().state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
+            **self.opt.state_dict(),
             "rng": self.rng.get_state(),
             "rng_device": self.device.type,
             "step": self.step,
-            "lr_scale": self.lr_scale,
             **({"augment": self.augment.state_dict()} if self.augment is not None else {}),
         }
 
@@ -294,21 +234,16 @@ class Trainer:
         self.D.load_state_dict(nets["D"])
         self.G_ema.load_state_dict(nets["G_ema"])
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, written_lr_d: float | None = None) -> None:
         """Continue from `state`: weights, Adam's moments, the step and the latent stream from the checkpoint; the
-        optimizer settings (learning rates, betas, eps, fused) from this trainer's arguments, times the checkpoint's
-        rollback factor. Settings that differ from the checkpoint's are logged."""
+        optimizer settings from this trainer's arguments (see Optimizers.load_state_dict)."""
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
-        self.G_ema.load_state_dict(state["G_ema"])
-        self.lr_scale = state.get("lr_scale", 1.0)
-        changed = self._load_optimizer("G", self.opt_g, state["opt_g"]) + self._load_optimizer("D", self.opt_d, state["opt_d"])
-        if changed:
-            log.info(f"optimizer settings from the current config, not the checkpoint: {'; '.join(changed)}")
         self.step = state["step"]
+        self.ema.load_state_dict(state["G_ema"], self.step)
+        self.opt.load_state_dict(state, written_lr_d=written_lr_d)
         if self.augment is not None and "augment" in state:
             self.augment.load_state_dict(state["augment"], step=self.step)
-        self._ema_stats_step = self.step  # the checkpoint's G_ema statistics belong to its weights
         if state["rng_device"] == self.device.type:
             self.rng.set_state(state["rng"])
         else:  # CPU and CUDA generators have different states: continue with a fresh, still seeded, latent stream
@@ -317,19 +252,3 @@ class Trainer:
                 f"checkpoint was written on {state['rng_device']}, this run is on {self.device.type}: training "
                 "continues with a new latent stream, so it is not bit-identical to an uninterrupted run"
             )
-
-    def _load_optimizer(self, name: str, opt: torch.optim.Optimizer, saved: dict[str, Any]) -> list[str]:
-        """Load Adam's state with this trainer's settings in place of the saved ones; returns what differed."""
-        current = {"lr": self.lr[name] * self.lr_scale, **self.adam}
-        changed, groups = [], []
-        for group in saved["param_groups"]:
-            for key, value in current.items():
-                before = group.get(key)
-                if key == "betas":
-                    before = tuple(before)
-                if (bool(before) != bool(value)) if key == "fused" else (before != value):
-                    changed.append(f"{name} {key} {before} -> {value}")
-            groups.append({**group, **current})
-        # Loaded with the current settings, so that fused Adam finds its step counters where it needs them.
-        opt.load_state_dict({**saved, "param_groups": groups})
-        return sorted(set(changed))

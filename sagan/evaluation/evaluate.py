@@ -1,6 +1,6 @@
 """What `sagan-fid` evaluates against what: a checkpoint's generator or a folder of images, against reference images
 (a folder or zip, a torchvision dataset, the demo, the run's own training data) or a statistics file; the protocol
-printed beside the numbers. Under torchrun every rank takes part (sagan.metrics); rank 0 prints and writes."""
+printed beside the numbers. Under torchrun every rank takes part (sagan.evaluation.metrics); rank 0 prints and writes."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import torch
 from torch.utils.data import Dataset
 
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint, run_dir_of
-from sagan.datasets import TORCHVISION_SPLITS, ImageFolder, build_dataset, native_side, training_dataset
-from sagan.dist import SINGLE, World, main_rank_first, resolve_device
-from sagan.inception import Inception
-from sagan.metrics import (
+from sagan.data.datasets import build_dataset, training_dataset
+from sagan.data.folders import ImageFolder
+from sagan.data.torchvision_sets import TORCHVISION_SPLITS
+from sagan.utils.processes import SINGLE, World, main_rank_first, resolve_device
+from sagan.evaluation.inception import Inception
+from sagan.evaluation.metrics import (
     MetricsError,
     Protocol,
     check_request,
@@ -26,7 +28,7 @@ from sagan.metrics import (
     metrics_on_main,
     report,
 )
-from sagan.reference_stats import (
+from sagan.evaluation.reference_stats import (
     Reference,
     check_save_path,
     dataset_features,
@@ -50,6 +52,12 @@ def evaluate(args: Any, world: World = SINGLE, device: torch.device | None = Non
     device = device or resolve_device(args.device, world)
     weights = args.metrics.inception_weights
     isc = inception_score_allowed(args.isc and generating, weights)
+    if generating and args.isc and not isc and not (args.fid or args.kid or args.prc):
+        raise MetricsError(
+            f"IS refused: the classifier in '{weights}' is all zeros (a copy of the FID network without it), so IS "
+            "would always be 1.0; leave metrics.inception_weights unset (the full weights are downloaded) or ask for "
+            "fid, kid or prc"
+        )
 
     state, G, generated, source, resolution = None, None, None, None, args.resolution
     if args.ckpt is not None:
@@ -144,7 +152,7 @@ def reference_source(
         subset_seed = config["train"]["seed"]
     common = dict(data_root=args.data_root, download=args.download, state=state)
     dataset = reference_dataset(args.ref, resolution=resolution or 32, **common)
-    side = native_side(dataset)
+    side = dataset.native_side()
     notes = [f"reference resized from {side} px"] if side is not None and resolution and side != resolution else []
     if resolution is None:  # statistics only, at the reference's own size
         resolution = side or 32

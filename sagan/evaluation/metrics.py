@@ -2,7 +2,7 @@
 torch-fidelity's own functions, with the protocol that every number depends on.
 
 `evaluate_generator` is the one evaluation path of `sagan-fid ckpt=` and of evaluation during training: every rank
-draws its part of the seeded samples (`sagan.sampling`), runs the Inception network on it and the ranks exchange
+draws its part of the seeded samples (`sagan.evaluation.sampling`), runs the Inception network on it and the ranks exchange
 features (2,048 floats per image), not images; rank 0 computes the metrics and shares them.
 """
 
@@ -19,10 +19,10 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from sagan.dist import World, broadcast_object, gather_rows, rank_part
-from sagan.inception import INCEPTION, Inception
-from sagan.reference_stats import Reference, statistics
-from sagan.sampling import draw_batches
+from sagan.utils.processes import World, broadcast_object, gather_rows, rank_part
+from sagan.evaluation.inception import INCEPTION, Inception
+from sagan.evaluation.reference_stats import Reference, statistics
+from sagan.evaluation.sampling import draw_batches
 
 log = logging.getLogger("sagan")
 
@@ -166,7 +166,7 @@ def evaluate_generator(
     """Metrics (`which`: fid, isc, kid, prc, kid_subset_size) of n seeded samples of G (as it is: call it in eval
     mode) against `reference`, on every rank.
 
-    Rank r draws images `rank_part(n, r, world_size)` of the same n latents (`sagan.sampling`), so the images, and the
+    Rank r draws images `rank_part(n, r, world_size)` of the same n latents (`sagan.evaluation.sampling`), so the images, and the
     metrics, do not depend on the number of ranks.
     """
     part = rank_part(n, world.rank, world.size)

@@ -1,7 +1,7 @@
 """What generated images are compared with: Inception statistics of reference images, cached once per set of images,
 and `.npz` statistics files (`mu`, `sigma`: the format pytorch-fid and the TTUR code exchange).
 
-One cache, keyed one way: by what the images are (`dataset_identity`), the resolution they are prepared at, the
+One cache, keyed one way: by what the images are (their dataset's `identity()`), the resolution they are prepared at, the
 subset, and the Inception weights. Training (`eval.every`) and `sagan-fid` therefore share statistics of the same data.
 Under torchrun every rank extracts features of its part of the images; rank 0 alone holds the statistics.
 """
@@ -20,10 +20,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch_fidelity.metric_fid import fid_features_to_statistics
 
-from sagan.atomic_files import atomic_file
-from sagan.datasets import ImageSubset, dataset_identity, reraise_worker_error
-from sagan.dist import World, barrier, broadcast_object, gather_rows, rank_part
-from sagan.inception import Inception
+from sagan.utils.atomic_files import atomic_file
+from sagan.data.dataset_base import reraise_worker_error
+from sagan.data.datasets import ImageSubset
+from sagan.utils.processes import World, barrier, broadcast_object, gather_rows, rank_part
+from sagan.evaluation.inception import Inception
 
 log = logging.getLogger("sagan")
 
@@ -69,7 +70,7 @@ def cache_key(dataset: Dataset, resolution: int, limit: int | None, seed: int, w
     """The cache name of a dataset's statistics: its identity, the resolution its images are prepared at, the subset
     (`limit` images drawn with `seed`; the seed does not matter when all images are used) and the Inception weights."""
     subset = ("all",) if limit is None or limit >= len(dataset) else (limit, seed)
-    parts = (dataset_identity(dataset), resolution, subset, weights_identity(weights))
+    parts = (dataset.identity(), resolution, subset, weights_identity(weights))
     return "sagan-ref-" + hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
 
 

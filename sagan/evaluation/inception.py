@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch_fidelity.utils import create_feature_extractor
 
-from sagan.dist import SINGLE, World
-from sagan.precision import full_precision
-from sagan.progress import Progress
+from sagan.utils.processes import SINGLE, World
+from sagan.utils.full_precision import full_precision
+from sagan.utils.progress import Progress
 
 INCEPTION = "inception-v3-compat"
 POOL, LOGITS = "2048", "logits_unbiased"  # pool3 features (FID, KID, precision/recall); classifier logits (IS)

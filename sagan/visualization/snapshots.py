@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sagan.atomic_files import atomic_write, write_png
-from sagan.attention_page import explorer_page
-from sagan.images import to_float
-from sagan.visualize import generate, render_attention, save_grid
+from sagan.utils.atomic_files import atomic_write, write_png
+from sagan.visualization.explorer import explorer_page
+from sagan.data.images import to_float
+from sagan.visualization.figures import generate, render_attention, save_grid
 
 
 class Snapshots:

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sagan.images import to_uint8
-from sagan.precision import full_precision
+from sagan.data.images import to_uint8
+from sagan.utils.full_precision import full_precision
 
 
 def labels_for(n: int, num_classes: int, choice: str | None, generator: torch.Generator) -> torch.Tensor | None:

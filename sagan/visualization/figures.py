@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torchvision.utils import save_image
 
-from sagan.atomic_files import atomic_write
+from sagan.utils.atomic_files import atomic_write
 from sagan.models import AttentionLayer
 
 # Query points as fractions (row, col) of the image: a left/right pair at two heights, so a user sees whether a point

@@ -9,7 +9,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from sagan.images import pil_to_tensor, to_float
+from sagan.data.dataset_base import summary
+from sagan.data.images import pil_to_tensor, to_float
 
 _PALETTE = ((235, 45, 45), (45, 205, 70), (55, 95, 245), (245, 220, 40))
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: antialiased edges
@@ -66,6 +67,20 @@ class MirrorShapes(Dataset):
         half = r // 2
         image[:, :, r - half :] = image[:, :, :half].flip(-1)  # mirror after downsampling: exact to the last bit
         return image, kind if self.num_classes else 0
+
+    @staticmethod
+    def sample_score(images: torch.Tensor) -> float:
+        """How well generated samples keep the demo's constraint: their mirror consistency (below)."""
+        return mirror_consistency(images)
+
+    def describe(self, name: str) -> str:
+        return summary(self, "demo (generated mirror-symmetric shapes)")
+
+    def identity(self) -> tuple:
+        return ("demo", len(self), self.seed)
+
+    def native_side(self) -> None:
+        return None  # drawn at the resolution asked for
 
 
 def mirror_consistency(images: torch.Tensor, eps: float = 1e-6) -> float:

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sagan.images import to_uint8
-from sagan.visualize import capture_attention_inputs, map_names
+from sagan.data.images import to_uint8
+from sagan.visualization.figures import capture_attention_inputs, map_names
 
 PAGE_BUDGET = 3 * 2**20  # bytes of one page file: images, maps (base64: 4 bytes per 3) and the page itself
 
@@ -111,7 +111,7 @@ def page_html(images: list[tuple[torch.Tensor, str]], layers: Sequence[LayerMaps
     """The page: `images` as (uint8 (3, R, R), caption) pairs, the layers' maps quantised, with queries on a grid
     coarse enough for the file to stay under `PAGE_BUDGET`."""
     pictures = [{"src": png_data_url(image), "caption": caption} for image, caption in images]
-    template = resources.files("sagan").joinpath("attention_page.html").read_text()
+    template = resources.files("sagan.visualization").joinpath("explorer.html").read_text()
     left = PAGE_BUDGET - len(template) - sum(len(p["src"]) + 64 for p in pictures) - 4096  # 4 KB: the layers' records
     fit_budget(layers, budget=max(left, 0) * 3 // 4)
     records = []

@@ -1,0 +1,1 @@
+"""Other codebases' published weights in sagan's networks: PyTorch-StudioGAN's checkpoints (studiogan)."""

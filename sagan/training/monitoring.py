@@ -1,0 +1,58 @@
+"""What a run reports about itself between checkpoints: the losses summed on the device between two logs, and the
+scalars logged with them (learning rates, every attention gamma, every spectral-norm sigma), with a warning for an
+attention layer that never switched on."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from sagan.models import attention_gammas, spectral_sigmas
+from sagan.training.step import Trainer
+
+log = logging.getLogger("sagan")
+
+
+class LossSums:
+    """Losses summed on the device between two logs (no host sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: (v / self.count).item() for k, v in self.sums.items()}
+
+
+def training_scalars(trainer: Trainer) -> dict[str, float]:
+    """Learning rates, every attention gamma and every spectral-norm sigma of G and D (one host sync for all)."""
+    named: dict[str, torch.Tensor] = {}
+    for net_name, net in (("G", trainer.G), ("D", trainer.D)):
+        named |= {f"gamma/{net_name}/{k.removeprefix('blocks.')}": v for k, v in attention_gammas(net).items()}
+        named |= {f"sigma/{net_name}/{k}": v for k, v in spectral_sigmas(net).items()}
+    values = torch.stack(list(named.values())).tolist() if named else []
+    lrs = {"lr/g": trainer.opt.g.param_groups[0]["lr"], "lr/d": trainer.opt.d.param_groups[0]["lr"]}
+    return {**lrs, **dict(zip(named, values))}
+
+
+def warn_dead_attention(scalars: dict[str, float], step: int, after: int, warned: set[str]) -> set[str]:
+    """Warn once per layer whose gamma is still exactly 0 after `after` steps: Adam moves any parameter that ever got
+    a non-zero gradient, so its gradient has always been zero and the attention block never switched on."""
+    dead = {k for k, v in scalars.items() if k.startswith("gamma/") and v == 0.0} if step >= after else set()
+    for key in sorted(dead - warned):
+        log.warning(
+            f"{key} is still exactly 0 after {step} steps: its gradient has always been zero, so this attention "
+            "layer never switched on (is its output used, and is its gamma in the optimizer?)"
+        )
+    return dead
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,2 @@
+"""What every layer may use and that knows nothing of GANs: processes and devices (processes), files written whole
+(atomic_files), progress lines (progress), full-precision blocks (full_precision)."""
