@@ -161,6 +161,7 @@ class TrainConfig:
     resume: Optional[str] = None  # auto: newest checkpoint of this run directory, or a checkpoint path
     init_from: Optional[str] = None  # a new run (step 0) from this checkpoint's G, D and G_ema (trained or imported)
     lock: bool = True  # hold a lock on the run directory: a second trainer on it stops (false: a filesystem without locks)
+    freeze_d: int = 0  # fine-tuning: D's first k blocks keep the weights of train.init_from (FreezeD, Mo et al. 2020)
     ckpt_every: int = 2000
     keep_last: int = 3  # step-numbered checkpoints kept besides last.pt
     nan_rollbacks: int = 0  # on NaN/Inf: roll back to the last good checkpoint this many times (0: stop)
@@ -220,6 +221,10 @@ def check_config(cfg: Any, world_size: int = 1) -> None:
         (cfg.model.d_shortcut in D_SHORTCUTS, f"unknown model.d_shortcut '{cfg.model.d_shortcut}': choose one of {', '.join(D_SHORTCUTS)}"),
         (cfg.model.sn_update in SN_UPDATES, f"unknown model.sn_update '{cfg.model.sn_update}': choose one of {', '.join(SN_UPDATES)}"),
         (cfg.optim.d_calls in (1, 2), f"optim.d_calls must be 1 or 2, got {cfg.optim.d_calls}"),
+        (cfg.train.freeze_d >= 0, f"train.freeze_d must be >= 0 (D's blocks to keep fixed), got {cfg.train.freeze_d}"),
+        (cfg.train.freeze_d == 0 or cfg.train.init_from is not None,
+         f"train.freeze_d={cfg.train.freeze_d} keeps D's first blocks fixed, which means something only for weights "
+         "from elsewhere: set train.init_from=<checkpoint> (untrained frozen blocks would stay random)"),
         (cfg.train.ckpt_every > 0, f"train.ckpt_every must be > 0, got {cfg.train.ckpt_every}"),
         (cfg.logger.image_every > 0, f"logger.image_every must be > 0, got {cfg.logger.image_every}"),
         (cfg.logger.num_samples > 0 and cfg.logger.attn_images > 0, "logger.num_samples and logger.attn_images must be > 0"),

@@ -3,11 +3,14 @@
     sagan-sample ckpt=outputs/run/checkpoints/last.pt n=64 out=samples                # 64 PNG files
     sagan-sample ckpt=outputs/run/checkpoints/last.pt n=100 format=grid class=all     # one grid, classes in turn
     sagan-sample ckpt=outputs/run/checkpoints/last.pt n=50000 format=npz seed=1       # uint8 NHWC + labels
+    sagan-sample ckpt=outputs/run/checkpoints/last.pt n=8 format=interp steps=12      # interp.png and interp.gif
 
 The same seed gives the same images (and `sagan-fid` with that seed evaluates exactly these). `class=3` draws only
 class 3 of a class-conditional model, `class=all` cycles through the classes (image i has class i mod K), no `class`
 draws uniform random labels. `truncation=t` samples z from a normal truncated to [-t, t] (the BigGAN trade of
-variety for quality).
+variety for quality). `format=interp` draws n interpolations of `steps` images: between two seeded latents along the
+sphere (`interp=latent`), or, for a class-conditional model, from one class to another at a fixed latent
+(`interp=class`); a grid (one row per interpolation) and an animated GIF going back and forth.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from sagan.cli import parse_args, run_cli
 from sagan.config import arg
 from sagan.utils.processes import resolve_device
 from sagan.data.images import to_float
-from sagan.evaluation.sampling import draw
-from sagan.visualization.figures import save_grid
+from sagan.evaluation.sampling import draw, interpolations
+from sagan.visualization.figures import save_grid, save_interpolations
 
-FORMATS = ("png", "grid", "npz")
+FORMATS = ("png", "grid", "npz", "interp")
 
 
 @dataclass
@@ -37,7 +40,9 @@ class SampleArgs:
     ckpt: str = arg(MISSING, "a checkpoint written by sagan-train")
     n: int = arg(64, "number of images")
     out: str = arg("samples", "output folder")
-    format: str = arg("png", "png: one file per image | grid: one grid.png | npz: samples.npz, uint8 NHWC + labels")
+    format: str = arg("png", "png: one file per image | grid: one grid.png | npz: samples.npz, uint8 NHWC + labels | interp")
+    steps: int = arg(8, "interp: images per interpolation")
+    interp: str = arg("latent", "interp: latent (slerp between two latents) | class (between two classes, one latent)")
     seed: int = arg(0, "seed of the latents (and labels)")
     class_: Optional[str] = arg(None, "a class index, all (in turn), or unset for uniform random classes")
     truncation: Optional[float] = arg(None, "sample z from a normal truncated to [-t, t]")
@@ -53,8 +58,13 @@ def sample(args: Any) -> Path:
         raise ValueError(f"n must be >= 1, got {args.n}")
     state = load_checkpoint(args.ckpt)
     G, _ = networks_from_checkpoint(state, ema=args.ema, device=resolve_device(args.device))
-    images, labels = draw(G, args.n, seed=args.seed, choice=args.class_, truncation=args.truncation, batch=args.batch)
     out = Path(args.out).expanduser()
+    if args.format == "interp":
+        rows = interpolations(G, args.n, steps=args.steps, seed=args.seed, kind=args.interp, choice=args.class_, batch=args.batch)
+        paths = save_interpolations(rows, out)
+        print(f"{args.n} {args.interp} interpolations of {args.steps} images from {args.ckpt} written to {', '.join(map(str, paths))}")
+        return out
+    images, labels = draw(G, args.n, seed=args.seed, choice=args.class_, truncation=args.truncation, batch=args.batch)
     out.mkdir(parents=True, exist_ok=True)
     if args.format == "npz":
         path = out / "samples.npz"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sagan.visualization.explorer import PAGE_BUDGET, dequantise, explorer_page, layer_maps
-from sagan.models import Discriminator, Generator, SelfAttention2d
+from sagan.models import Discriminator, Generator, SelfAttention2d, attention_shares
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
@@ -60,6 +60,8 @@ def test_embedded_maps_match_attention_maps_to_one_255th():
         assert np.abs(embedded - truth).max() <= 1 / 255
         assert np.abs(embedded - truth).max() > 0  # quantised, not copied
         np.testing.assert_allclose(truth.sum(axis=(-2, -1)), 1, atol=1e-5)  # softmax rows
+        share = attention_shares(net, run)["blocks.attn16"].item()  # beside the gamma: the branch's share
+        assert record["gamma"] == 0.25 and share > 0 and record["share"] == pytest.approx(share, rel=1e-6)
 
 
 def test_large_maps_keep_queries_on_a_coarser_grid_within_the_budget():
@@ -112,6 +114,7 @@ def test_a_browser_draws_the_map_the_fragment_asks_for(tmp_path):
     assert attributes["layer"] == "D_attn16" and attributes["image"] == str(image)
     assert attributes["query"] == f"{row},{col}"
     assert attributes["peak"] == f"{peak[0]},{peak[1]}"
+    assert re.search(r"D_attn16: 16x16 map, gamma \+0\.2500, share \d\.\d{3}", dom)
     screenshot = tmp_path / "attention.png"
     subprocess.run([CHROMIUM, *flags, "--window-size=1200,900", f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000

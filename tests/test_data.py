@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from sagan.data.batch_stream import BatchStream
 from sagan.data.dataset_base import DatasetError
-from sagan.data.datasets import build_dataset
+from sagan.data.datasets import ClassImages, build_dataset, with_fraction
 from sagan.data.torchvision_sets import TorchvisionImages
 from sagan.data.demo import MirrorShapes, mirror_consistency
 
@@ -238,6 +238,27 @@ def test_demo_is_deterministic_symmetric_and_labelled() -> None:
     with pytest.raises(IndexError):
         demo[60]
     assert build_dataset("demo", root=None, resolution=32, labels=False)[0][1] == 0
+
+
+def test_every_dataset_lists_its_labels_as_its_items_carry_them(tmp_path: Path) -> None:
+    """all_labels() (what intra-FID splits a reference by) without decoding images, equal to the items' labels."""
+    _make_tree(tmp_path / "tree")
+    base = [(Image.fromarray(_noise(8, 8, i)), i % 3) for i in range(6)]
+
+    class Targets(list):  # torchvision keeps the labels beside the images, as `targets` (or `labels`)
+        targets = [i % 3 for i in range(6)]
+
+    datasets = [
+        build_dataset("demo", root=None, resolution=32, size=40, seed=2),
+        with_fraction(build_dataset("demo", root=None, resolution=32, size=40, seed=2), 0.5),
+        build_dataset("folder", root=str(tmp_path / "tree"), resolution=R),
+        TorchvisionImages(Targets(base), resolution=R, classes=["a", "b", "c"], name="fake", split="train"),
+    ]
+    for dataset in datasets:
+        assert dataset.all_labels() == [dataset[i][1] for i in range(len(dataset))]
+        assert len(set(dataset.all_labels())) > 1
+    one = ClassImages(datasets[0], 1)
+    assert len(one) == datasets[0].all_labels().count(1) and all(y == 1 for _, y in (one[i] for i in range(len(one))))
 
 
 def test_demo_scales_with_resolution() -> None:

@@ -2,6 +2,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +37,14 @@ def test_offline_run_logs_images_and_gamma_history(tiny_cfg, tmp_path):
     scalars = [row for row in rows if "loss/d" in row]
     assert [row["step"] for row in scalars] == [1, 2]
     assert {"gamma/G/attn16", "gamma/D/attn16", "gamma/D/attn8"} <= set(scalars[-1]) and scalars[-1]["lr/d"] == 4e-4
+    diagnostics = {"D/real", "D/fake", "D/real_positive", "grad_norm/D", "grad_norm/G", "attn_share/G/attn16", "attn_share/D/attn8"}
+    assert diagnostics <= set(scalars[-1]) and 0 <= scalars[-1]["D/real_positive"] <= 1
+    assert scalars[-1]["grad_norm/D"] > 0 and scalars[-1]["attn_share/D/attn8"] >= 0
+    # The script that plots them from metrics.jsonl alone.
+    script = [sys.executable, "scripts/plot_diagnostics.py", str(tmp_path), "--out", str(tmp_path / "d.png")]
+    printed = subprocess.run(script, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
+    assert "D/real_positive: step 1 " in printed and "attn_share/G/attn16" in printed
+    assert Image.open(tmp_path / "d.png").size[0] > 1000
     assert [row["step"] for row in rows if "score/mirror_consistency" in row] == [0, 2]
 
 

@@ -288,3 +288,70 @@ def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path, tiny_cfg
     best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     assert best["best_fid"] == min(f for _, f in fids)
     assert best["trainer"]["step"] == min(fids, key=lambda sf: sf[1])[0]
+
+
+def write_class_folders(root, names, n, size):
+    for k, name in enumerate(names):
+        write_images(root / name, n, size, seed=10 + k)
+
+
+@needs_weights
+def test_intra_fid_is_each_class_sampled_and_scored_on_its_own(tmp_path, tiny_cfg):
+    """intra=true gives class k the FID of `sagan-sample class=k seed=<seed+k>` against that class's folder, and
+    their mean: the same numbers through another path (PNG files and sagan-fid gen=)."""
+    from sagan.sample import SampleArgs, sample
+
+    train(tiny_cfg("train.steps=1", "model.conditional=true"), tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    names = ["circle", "square", "triangle"]  # the demo's 3 classes (folder order: sorted names)
+    write_class_folders(tmp_path / "ref", names, 6, 32)
+    common = ["isc=false", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]
+    result = evaluate(fid_args(f"ckpt={ckpt}", f"ref={tmp_path / 'ref'}", "n=9", "seed=4", "intra=true", *common))
+    classes = result["classes"]
+    assert list(classes) == names and all(c["samples"] == 3 and c["reference_images"] == 6 for c in classes.values())
+    assert result["metrics"]["intra_fid"] == pytest.approx(sum(c["fid"] for c in classes.values()) / 3)
+    assert "intra-FID: 3 samples per class against that class's images" in result["protocol"]["notes"]
+    for k, name in enumerate(names):
+        sample(parse_args(SampleArgs, [f"ckpt={ckpt}", "n=3", f"class_={k}", f"seed={4 + k}", f"out={tmp_path / name}"]))
+        alone = evaluate(fid_args(f"gen={tmp_path / name}", f"ref={tmp_path / 'ref' / name}", f"out={tmp_path / 'm.json'}", *common))
+        assert alone["metrics"]["fid"] == pytest.approx(classes[name]["fid"], rel=1e-4), name
+
+
+@needs_weights
+def test_truncation_curve_rows_are_the_single_truncation_evaluations(tmp_path, tiny_cfg, capsys):
+    from sagan.fid import truncation_list
+
+    train(tiny_cfg("train.steps=1"), tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    write_images(tmp_path / "ref", 10, 32)
+    common = [f"ckpt={ckpt}", f"ref={tmp_path / 'ref'}", "n=10", "isc=false", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]
+    curve = evaluate(fid_args(*common, "truncation=[0.5,2.0]"))
+    printed = capsys.readouterr().out
+    assert [row["truncation"] for row in curve["truncation"]] == [0.5, 2.0] and "metrics" not in curve
+    assert "| truncation | FID |" in printed and "| 0.5 |" in printed
+    assert Image.open(tmp_path / "run" / "truncation.png").size[0] > 300
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["truncation"][1]["truncation"] == 2.0
+    one = evaluate(fid_args(*common, truncation_list("truncation=0.5")))
+    assert one["metrics"]["fid"] == pytest.approx(curve["truncation"][0]["metrics"]["fid"], rel=1e-6)
+    assert "z truncated to [-0.5, 0.5]" in one["protocol"]["notes"]
+    assert curve["truncation"][0]["metrics"]["fid"] != pytest.approx(curve["truncation"][1]["metrics"]["fid"], rel=1e-3)
+
+
+def test_intra_fid_refuses_what_it_cannot_compute_in_one_line(tmp_path, tiny_cfg):
+    train(tiny_cfg("train.steps=1"), tmp_path / "uncond")
+    train(tiny_cfg("train.steps=1", "model.conditional=true"), tmp_path / "cond")
+    uncond, cond = (tmp_path / r / "checkpoints" / "last.pt" for r in ("uncond", "cond"))
+    write_images(tmp_path / "flat", 4, 32)
+    write_class_folders(tmp_path / "two", ["a", "b"], 2, 32)
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    cases = [
+        ([f"ckpt={uncond}", f"ref={tmp_path / 'two'}"], "needs a class-conditional generator"),
+        ([f"ckpt={cond}", f"ref={tmp_path / 'flat'}"], "needs reference images with labels"),
+        ([f"ckpt={cond}", f"ref={tmp_path / 'two'}"], "the generator has 3 classes, the reference"),
+        ([f"ckpt={cond}", f"ref={tmp_path / 'stats.npz'}"], "is a statistics file of the whole set"),
+        ([f"gen={tmp_path / 'flat'}", f"ref={tmp_path / 'two'}"], "give ckpt=, not gen="),
+    ]
+    for argv, message in cases:
+        with pytest.raises(MetricsError, match=message) as error:
+            evaluate(fid_args(*argv, "intra=true", "isc=false", f"metrics.cache_dir={tmp_path / 'cache'}"))
+        assert "\n" not in str(error.value)

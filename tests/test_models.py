@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from sagan.models import Discriminator, Generator, SelfAttention2d, attention_gammas, spectral_sigmas
+from sagan.models import Discriminator, Generator, SelfAttention2d, attention_gammas, attention_shares, spectral_sigmas
 from sagan.models.layers import init_weights
 
 # The attention placements of the presets (conf/model/*.yaml), at tiny widths.
@@ -50,8 +50,10 @@ def test_bad_inputs_fail_clearly():
         G(z)
     with pytest.raises(ValueError, match=r"in \[0, 5\)"):
         G(z, torch.tensor([0, 5]))
-    with pytest.raises(ValueError, match="int64 tensor of shape"):
+    with pytest.raises(ValueError, match="D takes class indices"):
         D(torch.zeros(2, 3, 32, 32), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"class weights must have shape \(2, 5\)"):
+        G(z, torch.ones(2, 4) / 4)
     with pytest.raises(ValueError, match=r"images of shape \(B, 3, 32, 32\)"):
         D(torch.zeros(2, 3, 64, 64), y)
     G0, _ = tiny(32)
@@ -88,6 +90,45 @@ def test_zero_gamma_is_identity_but_gamma_learns():
     assert torch.equal(y, x)
     (y * torch.randn_like(y)).sum().backward()
     assert block.gamma.grad is not None and block.gamma.grad.abs() > 0
+
+
+@pytest.mark.parametrize("cond_bn", ["tables", "linear"])
+def test_class_weights_mix_the_classes_gains_and_biases(cond_bn):
+    G = Generator(z_dim=16, ch=8, resolution=32, attn_resolutions=(16,), num_classes=5, cond_bn=cond_bn).eval()
+    for p in G.parameters():  # away from the initial tables (all gains 1, biases 0), so classes differ
+        p.data.add_(0.1 * torch.randn_like(p))
+    z, y = torch.randn(3, 16), torch.tensor([0, 2, 4])
+    torch.testing.assert_close(G(z, F.one_hot(y, 5).float()), G(z, y))  # one-hot weights are the hard labels
+    assert not torch.allclose(G(z, y), G(z, torch.tensor([1, 1, 1])))
+    # Each conditional BatchNorm is affine in its gain and bias, so a 30/70 mixture of two classes' weights gives
+    # 0.3 and 0.7 of their outputs (G as a whole is not linear in them).
+    bn = G.blocks.block0.bn1
+    h = torch.randn(3, bn.bn.num_features, 4, 4)
+    mix = 0.3 * F.one_hot(torch.tensor([0, 0, 1]), 5).float() + 0.7 * F.one_hot(torch.tensor([3, 4, 4]), 5).float()
+    expected = 0.3 * bn(h, torch.tensor([0, 0, 1])) + 0.7 * bn(h, torch.tensor([3, 4, 4]))
+    torch.testing.assert_close(bn(h, mix), expected)
+
+
+def test_attention_share_is_the_branch_norm_over_the_input_norm():
+    G, D = tiny(32, attn=(16,))
+    D.train()
+    x = torch.randn(2, 3, 32, 32)
+    u_before = {k: v.clone() for k, v in D.state_dict().items() if k.endswith("_u")}
+    shares = attention_shares(D, lambda: D(x))
+    assert set(shares) == {"blocks.attn16"} and shares["blocks.attn16"].item() == 0.0  # gamma starts at 0
+    layer = D.blocks.attn16
+    captured = {}
+    layer.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))
+    with torch.no_grad():
+        layer.gamma.fill_(0.5)
+        share = attention_shares(D, lambda: D(x))["blocks.attn16"]
+        branch = layer.eval()(captured["x"]) - captured["x"]  # eval: the spectral norms' weights as the share used
+        layer.train()
+        torch.testing.assert_close(share, branch.norm() / captured["x"].norm())
+        layer.gamma.fill_(1.0)
+        torch.testing.assert_close(attention_shares(D, lambda: D(x))["blocks.attn16"], 2 * share)  # linear in gamma
+    # Measured in eval mode (no spectral-norm power iteration), and D is left as it was.
+    assert D.training and all(torch.equal(v, D.state_dict()[k]) for k, v in u_before.items())
 
 
 @pytest.mark.parametrize("pool", [1, 2])

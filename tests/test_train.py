@@ -13,7 +13,9 @@ from sagan.data.batch_stream import BatchStream
 from sagan.data.demo import MirrorShapes
 from sagan.models import build_models
 from sagan.training.loop import train
+from sagan.training.run import Run
 from sagan.training.step import Trainer
+from sagan.utils.processes import SINGLE
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 
@@ -177,9 +179,34 @@ def test_conditional_needs_labels(tiny_cfg, tmp_path):
         train(tiny_cfg("data=folder", f"data.root={tmp_path / 'imgs'}", "data.size=null", "model.conditional=true"), tmp_path / "run")
 
 
+def test_freeze_d_fine_tunes_with_d_first_blocks_fixed(tiny_cfg, tmp_path):
+    train(tiny_cfg("train.steps=2"), tmp_path / "source")
+    source = tmp_path / "source" / "checkpoints" / "last.pt"
+    given = load_checkpoint(source)["trainer"]
+    start = given["D"]
+    # The new run starts at step 0 from exactly the given G, D and G_ema, with fresh optimizers.
+    run = Run(tiny_cfg(f"train.init_from={source}", "train.freeze_d=2"), tmp_path / "ft0", SINGLE, torch.device("cpu"))
+    assert run.trainer.step == 0 and not run.trainer.opt.d.state
+    for name, net in (("G", run.trainer.G), ("D", run.trainer.D), ("G_ema", run.trainer.G_ema)):
+        assert all(torch.equal(v, given[name][k]) for k, v in net.state_dict().items()), name
+    train(tiny_cfg("train.steps=3", f"train.init_from={source}", "train.freeze_d=2"), tmp_path / "ft")
+    tuned = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.pt")["trainer"]["D"]
+    # The demo's D: block0, attn16 (after block0, at 16x16), block1, block2, block3, then the head. With k=2, block0,
+    # the attention layer after it and block1 keep their weights; their spectral-norm u still follows them.
+    frozen = ("blocks.block0.", "blocks.attn16.", "blocks.block1.")
+    weights = [k for k in start if not k.endswith(("_u", "_v"))]
+    kept = {k for k in weights if torch.equal(start[k], tuned[k])}
+    assert {k for k in weights if k.startswith(frozen)} <= kept
+    assert any(k.startswith("blocks.block2.") for k in weights) and not any(k.startswith(("blocks.block2.", "blocks.block3.", "linear")) for k in kept)
+    with pytest.raises(ValueError, match="train.freeze_d=5, but this D has 4 blocks: choose 0 to 4"):
+        train(tiny_cfg("train.steps=1", f"train.init_from={source}", "train.freeze_d=5"), tmp_path / "ft5")
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
+        ("train.freeze_d=-1", "train.freeze_d must be >= 0"),
+        ("train.freeze_d=1", "set train.init_from=<checkpoint>"),
         ("train.batch_size=0", "train.batch_size must be > 0"),
         ("optim.lr_d=-1", "learning rates must be > 0"),
         ("model.g_attn=[64]", "the generator has no feature map of size [64]"),

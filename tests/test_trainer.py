@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from sagan.data.images import to_float
 from sagan.models import Discriminator, Generator
-from sagan.training.step import Trainer
+from sagan.training.step import STEP_VALUES, Trainer
 
 
 def batches(n: int = 4):
@@ -50,11 +50,28 @@ def test_train_step_updates_both_networks_and_returns_device_losses():
     g0 = [p.clone() for p in trainer.G.parameters()]
     d0 = [p.clone() for p in trainer.D.parameters()]
     losses = trainer.train_step(batches())
-    assert set(losses) == {"d_loss", "g_loss"} and all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    assert set(losses) == set(STEP_VALUES) and all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
     assert trainer.step == 1
     assert any(not torch.equal(a, b) for a, b in zip(g0, trainer.G.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(d0, trainer.D.parameters()))
     assert trainer.opt.d.state[next(iter(trainer.D.parameters()))]["step"] == 2  # n_dis D steps
+
+
+def test_step_diagnostics_are_d_outputs_and_gradient_norms_of_the_step():
+    trainer = tiny_trainer(n_dis=1)
+    d_outputs = []
+    hook = trainer.D.register_forward_hook(lambda module, args, out: d_outputs.append(out.detach().clone()))
+    values = trainer.train_step(batches())
+    hook.remove()
+    real, fake = d_outputs[0].chunk(2)  # the D step's one forward: real then fake; the G step's forward comes after
+    torch.testing.assert_close(values["d_real"], real.mean())
+    torch.testing.assert_close(values["d_fake"], fake.mean())
+    torch.testing.assert_close(values["d_real_positive"], (real > 0).float().mean())
+    # D's gradients stay from its step (the G step gives D's parameters none), G's from the G step.
+    for name, net in (("grad_norm_d", trainer.D), ("grad_norm_g", trainer.G)):
+        expected = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]).norm()
+        torch.testing.assert_close(values[name], expected)
+    assert values["grad_norm_d"] > 0 and values["grad_norm_g"] > 0
 
 
 def test_resume_on_another_device_type_continues_with_a_seeded_stream(caplog):

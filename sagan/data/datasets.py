@@ -70,6 +70,34 @@ class DataFraction(Dataset):
     def native_side(self) -> int | None:
         return self.dataset.native_side()
 
+    def all_labels(self) -> list[int]:
+        labels = self.dataset.all_labels()
+        return [labels[i] for i in self.indices]
+
+
+class ClassImages(Dataset):
+    """The images of one class of a labelled dataset (intra-FID compares each class with its own images)."""
+
+    def __init__(self, dataset: Dataset, label: int) -> None:
+        self.dataset, self.label = dataset, label
+        self.indices = [i for i, y in enumerate(dataset.all_labels()) if y == label]
+        self.num_classes, self.classes, self.sample_score = 0, [], None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.dataset[self.indices[index]]
+
+    def describe(self, name: str) -> str:
+        return f"{self.dataset.describe(name).split(',')[0]}, class {self.label}: {len(self):,} images"
+
+    def identity(self) -> tuple:
+        return ("class", self.label, *self.dataset.identity())
+
+    def native_side(self) -> int | None:
+        return self.dataset.native_side()
+
 
 def with_fraction(dataset: Dataset, fraction: float) -> Dataset:
     return dataset if fraction == 1 else DataFraction(dataset, fraction)

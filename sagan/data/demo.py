@@ -82,6 +82,12 @@ class MirrorShapes(Dataset):
     def native_side(self) -> None:
         return None  # drawn at the resolution asked for
 
+    def all_labels(self) -> list[int]:
+        """The label of every image, without drawing any: the shape is the first draw of its seeded stream."""
+        if self.num_classes == 0:
+            return [0] * self.size
+        return [random.Random(f"mirror-shapes/{self.seed}/{i}").randrange(3) for i in range(self.size)]
+
 
 def mirror_consistency(images: torch.Tensor, eps: float = 1e-6) -> float:
     """How mirror-symmetric a batch is, relative to chance: 1 = exactly symmetric, about 0 = unrelated halves.

@@ -156,6 +156,10 @@ class ImageFolder(Dataset):
     def native_side(self) -> int:
         return min(self.native_size(0))
 
+    def all_labels(self) -> list[int]:
+        """The label of every image, without decoding any."""
+        return list(self.labels)
+
     def _source(self, index: int) -> io.BytesIO | Path:
         relpath = self.files[index]
         return io.BytesIO(self._zip().read(relpath)) if self.is_zip else Path(self.root, relpath)

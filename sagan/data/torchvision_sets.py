@@ -48,6 +48,13 @@ class TorchvisionImages(Dataset):
     def native_side(self) -> int:
         return min(self.base[0][0].size)
 
+    def all_labels(self) -> list[int]:
+        """The label of every image, without decoding any (torchvision keeps them as targets or labels)."""
+        if self.num_classes == 0:
+            return [0] * len(self)
+        targets = getattr(self.base, "targets", None)
+        return [int(t) for t in (targets if targets is not None else self.base.labels)]
+
 
 def torchvision_dataset(
     name: str, *, root: str | None, resolution: int, download: bool, labels: bool, split: str

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint, run_dir_of
-from sagan.data.datasets import build_dataset, training_dataset
-from sagan.data.folders import ImageFolder
-from sagan.data.torchvision_sets import TORCHVISION_SPLITS
+from sagan.data.datasets import build_dataset
+from sagan.utils.atomic_files import atomic_write
 from sagan.utils.processes import SINGLE, World, main_rank_first, resolve_device
 from sagan.evaluation.inception import Inception
+from sagan.evaluation.curves import plot_truncation, truncation_table
 from sagan.evaluation.metrics import (
     MetricsError,
     Protocol,
@@ -28,13 +27,14 @@ from sagan.evaluation.metrics import (
     metrics_on_main,
     report,
 )
+from sagan.evaluation.per_class import check_intra, intra_fid
+from sagan.evaluation.references import generated_resolution, reference_dataset, reference_source
 from sagan.evaluation.reference_stats import (
     Reference,
     check_save_path,
     dataset_features,
     dataset_reference,
     default_cache_root,
-    load_reference_file,
     save_reference_file,
 )
 
@@ -70,16 +70,27 @@ def evaluate(args: Any, world: World = SINGLE, device: torch.device | None = Non
         generated = build_dataset("folder", root=args.gen, resolution=resolution, labels=False)
     num_samples = args.n if generated is None else min(args.n, len(generated))
 
+    truncations = [None] if args.truncation is None else list(args.truncation)
+    if (args.truncation is not None or args.intra) and G is None:
+        raise MetricsError("truncation= and intra=true apply to a checkpoint's generator: give ckpt=, not gen=")
     with main_rank_first(world):  # downloads (a torchvision dataset, the Inception weights) happen once
         source_of_reference, resolution, notes, limit, subset_seed = reference_source(args, resolution, state)
+        labelled = reference_dataset(
+            args.ref, resolution=resolution, data_root=args.data_root, download=False, state=state, labels=True
+        ) if args.intra and not isinstance(source_of_reference, Reference) else None  # fmt: skip
+        if args.intra:  # before the Inception network loads (or downloads)
+            check_intra(G, labelled, args.ref)
         inception = Inception(weights=weights, device=device, logits=isc)
+    reference_args = dict(
+        resolution=resolution, seed=subset_seed, weights=weights, cache_root=args.metrics.cache_dir or default_cache_root(),
+        world=world, batch_size=args.metrics.batch_size,
+    )  # fmt: skip
     if isinstance(source_of_reference, Reference):
         reference = source_of_reference
     else:
         reference = dataset_reference(
-            source_of_reference, inception, description=args.ref, resolution=resolution, limit=limit, seed=subset_seed,
-            weights=weights, cache_root=args.metrics.cache_dir or default_cache_root(), world=world,
-            batch_size=args.metrics.batch_size, need_features=args.kid or args.prc,
+            source_of_reference, inception, description=args.ref, limit=limit, need_features=args.kid or args.prc,
+            **reference_args,
         )  # fmt: skip
         if args.save_ref is not None and world.main:
             path = save_reference_file(args.save_ref, reference)
@@ -90,102 +101,54 @@ def evaluate(args: Any, world: World = SINGLE, device: torch.device | None = Non
     which = dict(fid=args.fid, isc=isc, kid=args.kid, prc=args.prc, kid_subset_size=args.metrics.kid_subset_size)
     check_request(n=num_samples, reference=reference, **which)
     batch_size = args.metrics.batch_size
-    if G is not None:
-        metrics = evaluate_generator(
-            G, reference, inception, n=args.n, seed=args.seed, batch_size=batch_size, world=world, **which
-        )
-    else:
-        pool, logits = dataset_features(
-            generated, inception, limit=args.n, seed=args.seed, world=world, batch_size=batch_size, num_workers=0,
-            what="generated images",
-        )  # fmt: skip
-        metrics = metrics_on_main(pool, logits, reference, world, seed=args.seed, **which)
+    rows = []
+    for truncation in truncations:
+        if G is not None:
+            metrics = evaluate_generator(
+                G, reference, inception, n=args.n, seed=args.seed, batch_size=batch_size, world=world,
+                truncation=truncation, **which,
+            )  # fmt: skip
+        else:
+            pool, logits = dataset_features(
+                generated, inception, limit=args.n, seed=args.seed, world=world, batch_size=batch_size, num_workers=0,
+                what="generated images",
+            )  # fmt: skip
+            metrics = metrics_on_main(pool, logits, reference, world, seed=args.seed, **which)
+        per_class = {}
+        if args.intra:
+            per_class = intra_fid(
+                G, labelled, inception, n=args.n, seed=args.seed, truncation=truncation, world=world,
+                reference_limit=limit, reference_args=reference_args,
+            )  # fmt: skip
+            metrics["intra_fid"] = per_class["intra_fid"]
+        rows.append({"truncation": truncation, "metrics": metrics, **({"classes": per_class["classes"]} if per_class else {})})
     kid_size = kid_subset(num_samples, reference.num_images, args.metrics.kid_subset_size) if args.kid else None
+    if len(truncations) == 1 and truncations[0] is not None:
+        notes = [*notes, f"z truncated to [-{truncations[0]:g}, {truncations[0]:g}]"]
+    if args.intra:
+        per_class = f"{limit // G.num_classes} of " if limit else ""
+        notes = [*notes, f"intra-FID: {max(args.n // G.num_classes, 2)} samples per class against {per_class}that class's images"]
     protocol = Protocol(
-        num_samples=num_samples,
-        reference=args.ref,
-        reference_images=reference.num_images,
-        resolution=resolution,
-        weights=weights or Protocol.weights,
-        kid_subset_size=kid_size,
-        notes=notes,
-    )
-    result = {
-        "metrics": metrics,
-        "protocol": asdict(protocol),
-        "generated": source,
-        "isc_skipped": args.isc and not isc,
-    }
+        num_samples=num_samples, reference=args.ref, reference_images=reference.num_images, resolution=resolution,
+        weights=weights or Protocol.weights, kid_subset_size=kid_size, notes=notes,
+    )  # fmt: skip
+    result = {"metrics": rows[0]["metrics"], "protocol": asdict(protocol), "generated": source, "isc_skipped": args.isc and not isc}
+    if "classes" in rows[0]:
+        result["classes"] = rows[0]["classes"]
+    if len(rows) > 1:  # the curve: every row has its metrics (and classes)
+        result["truncation"] = rows
+        del result["metrics"]
+        result.pop("classes", None)
     result["reference_cached"] = reference.cached
     if world.main:
-        print(report(metrics, protocol))
         run_dir = run_dir_of(args.ckpt) if args.ckpt else Path.cwd()
         out = Path(args.out) if args.out else run_dir / "metrics.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        if len(rows) > 1:
+            print(truncation_table(rows))
+            print(f"protocol: {protocol.describe()}")
+            print(plot_truncation(rows, out.with_name("truncation.png"), title=f"{source}: {protocol.describe()[:90]}"))
+        else:
+            print(report(rows[0]["metrics"], protocol))
+        atomic_write(out, json.dumps(result, indent=2) + "\n")
         print(f"written to {out}")
     return result
-
-
-def reference_source(
-    args: Any, resolution: int | None, state: dict | None
-) -> tuple[Dataset | Reference, int, list[str], int | None, int]:
-    """What `ref` names: a statistics file (loaded), or reference images prepared at `resolution` (their own size when
-    nothing is generated); the resolution, the protocol's notes, and the subset (size, seed) of the images.
-
-    `ref=train` takes the run's own evaluation subset (eval.ref_images drawn with train.seed) unless ref_n is given,
-    so that it evaluates exactly as training did.
-    """
-    if Path(args.ref).suffix == ".npz":
-        if args.save_ref is not None:
-            raise MetricsError(f"ref={args.ref} is a statistics file already: save_ref= saves the statistics of images")
-        reference = load_reference_file(args.ref)
-        made_at = reference.resolution
-        notes = (
-            [f"reference statistics made at {made_at} px"] if made_at and resolution and made_at != resolution else []
-        )
-        return reference, resolution or made_at or 0, notes, None, args.seed
-    limit, subset_seed = args.ref_n, args.seed
-    if args.ref == "train" and state is not None:
-        config = state["config"]
-        limit = args.ref_n if args.ref_n is not None else config["eval"]["ref_images"]
-        subset_seed = config["train"]["seed"]
-    common = dict(data_root=args.data_root, download=args.download, state=state)
-    dataset = reference_dataset(args.ref, resolution=resolution or 32, **common)
-    side = dataset.native_side()
-    notes = [f"reference resized from {side} px"] if side is not None and resolution and side != resolution else []
-    if resolution is None:  # statistics only, at the reference's own size
-        resolution = side or 32
-        dataset = reference_dataset(args.ref, resolution=resolution, **common)
-    return dataset, resolution, notes, limit, subset_seed
-
-
-def reference_dataset(ref: str, *, resolution: int, data_root: str, download: bool, state: dict | None) -> Dataset:
-    """The reference images of `ref` (not a statistics file), prepared at `resolution` as training images are."""
-    if ref == "train":
-        if state is None:
-            raise MetricsError("ref=train means the data a checkpoint trained on: give ckpt=<checkpoint>")
-        return training_dataset(state["config"], resolution=resolution, labels=False)
-    if ref == "demo":  # the generated demo images (experiment=demo trains on these, seed 0)
-        return build_dataset("demo", root=None, resolution=resolution, labels=False)
-    path = Path(ref).expanduser()
-    if path.exists():
-        return build_dataset("folder", root=str(path), resolution=resolution, labels=False)
-    name, _, split = ref.partition("-")
-    if name not in TORCHVISION_SPLITS:
-        known = ", ".join(f"{n}-{s}" for n, splits in TORCHVISION_SPLITS.items() for s in splits)
-        raise MetricsError(
-            f"reference '{ref}' is neither an existing folder/.zip/.npz nor a known dataset ({known}, demo, train)"
-        )
-    return build_dataset(
-        name, root=data_root, resolution=resolution, download=download, labels=False, split=split or "train"
-    )
-
-
-def generated_resolution(gen: str) -> int:
-    """The (square) size of the first generated image in a folder / zip."""
-    folder = ImageFolder(Path(gen).expanduser(), resolution=1, labels=False)
-    width, height = folder.native_size(0)
-    if width != height:
-        raise MetricsError(f"generated images must be square, the first in '{gen}' is {width}x{height}")
-    return width

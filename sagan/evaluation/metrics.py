@@ -161,16 +161,18 @@ def evaluate_generator(
     seed: int,
     batch_size: int,
     world: World,
+    choice: str | None = None,
+    truncation: float | None = None,
     **which: Any,
 ) -> dict[str, float]:
     """Metrics (`which`: fid, isc, kid, prc, kid_subset_size) of n seeded samples of G (as it is: call it in eval
-    mode) against `reference`, on every rank.
+    mode; `choice` and `truncation` as the sampler takes them) against `reference`, on every rank.
 
     Rank r draws images `rank_part(n, r, world_size)` of the same n latents (`sagan.evaluation.sampling`), so the images, and the
     metrics, do not depend on the number of ranks.
     """
     part = rank_part(n, world.rank, world.size)
-    batches = draw_batches(G, n, seed=seed, batch=batch_size, part=part)
+    batches = draw_batches(G, n, seed=seed, choice=choice, truncation=truncation, batch=batch_size, part=part)
     pool, logits = inception.features(batches, total=len(part), what="generated images", world=world, overall=n)
     return metrics_on_main(
         gather_rows(pool, world),

@@ -22,6 +22,8 @@ class FidArgs:
     kid: bool = arg(False, "Kernel Inception Distance (needs reference images, not a .npz)")
     prc: bool = arg(False, "precision and recall (needs reference images, not a .npz)")
     ema: bool = arg(True, "evaluate G_ema (false: the raw G)")
+    truncation: Optional[list[float]] = arg(None, "z truncated to [-t, t]: one value, or a list for the trade-off curve (a table and truncation.png)")
+    intra: bool = arg(False, "intra-FID: each class's samples (n / classes) against that class's reference images, and their mean")
     seed: int = arg(0, "seed of the samples (and of the subsets)")
     resolution: Optional[int] = arg(None, "size to prepare reference images at for save_ref alone; default theirs")
     save_ref: Optional[str] = arg(None, "also write the reference's statistics to this .npz (mu, sigma, count, size)")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sagan.data.images import to_uint8
@@ -103,3 +104,49 @@ def _generate(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None, part: range
         with full_precision():
             images = G(z[i:j].to(device), None if y is None else y[i:j].to(device))
         yield to_uint8(images).cpu()
+
+
+INTERPOLATIONS = ("latent", "class")
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between the rows of a and b (B, D) at fractions t (T,): (B, T, D). Gaussian latents
+    live near a sphere; a straight line between two of them passes through improbably short vectors."""
+    a64, b64 = a.double(), b.double()
+    cos = (F.normalize(a64, dim=1) * F.normalize(b64, dim=1)).sum(1).clamp(-1, 1)
+    omega = torch.acos(cos)[:, None, None]  # (B, 1, 1)
+    t = t.double()[None, :, None]  # (1, T, 1)
+    sin = torch.sin(omega)
+    safe = sin.abs() > 1e-6  # (nearly) parallel latents: a straight line is the same path
+    wa = torch.where(safe, torch.sin((1 - t) * omega) / torch.where(safe, sin, 1), 1 - t)
+    wb = torch.where(safe, torch.sin(t * omega) / torch.where(safe, sin, 1), t)
+    return (wa * a64[:, None] + wb * b64[:, None]).to(a.dtype)
+
+
+@torch.no_grad()
+def interpolations(
+    G: nn.Module, n: int, *, steps: int, seed: int, kind: str = "latent", choice: str | None = None, batch: int = 256
+) -> torch.Tensor:
+    """n seeded interpolations of `steps` images each, uint8 (n, steps, 3, R, R). `kind="latent"`: from latent 2i to
+    latent 2i+1 of the seed, along the sphere (slerp), each row with the class `choice` picks (see labels_for);
+    `kind="class"`: latent i of the seed, its class weights moving from one seeded class to another."""
+    if kind not in INTERPOLATIONS:
+        raise ValueError(f"unknown interp '{kind}': choose one of {', '.join(INTERPOLATIONS)}")
+    if steps < 2 or n < 1:
+        raise ValueError(f"an interpolation needs n >= 1 rows of steps >= 2 images, got n={n} steps={steps}")
+    t = torch.linspace(0, 1, steps)
+    if kind == "latent":
+        z, y = latents(2 * n, G, seed=seed, choice=choice)
+        z = slerp(z[0::2], z[1::2], t).reshape(n * steps, -1)
+        y = None if y is None else y[0::2].repeat_interleave(steps)
+    else:
+        if G.num_classes < 2:
+            raise ValueError("interp=class needs a class-conditional generator with at least 2 classes")
+        z, ends = latents(n, G, seed=seed)
+        _, other = latents(n, G, seed=seed + 1)
+        other = torch.where(other == ends, (ends + 1) % G.num_classes, other)  # two different classes per row
+        onehot = F.one_hot(torch.stack([ends, other], 1), G.num_classes).float()  # (n, 2, K)
+        y = ((1 - t)[None, :, None] * onehot[:, :1] + t[None, :, None] * onehot[:, 1:]).reshape(n * steps, -1)
+        z = z.repeat_interleave(steps, dim=0)
+    images = torch.cat(list(_generate(G, z, y, range(n * steps), batch)))
+    return images.reshape(n, steps, *images.shape[1:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ __all__ = [
     "Generator",
     "SelfAttention2d",
     "attention_gammas",
+    "attention_shares",
     "build_models",
     "spectral_sigmas",
 ]
@@ -49,3 +51,27 @@ def build_models(model: Any, num_classes: int) -> tuple[Generator, Discriminator
 def attention_gammas(module: nn.Module) -> dict[str, torch.Tensor]:
     """The gamma of every attention layer (any model.attn_type) in `module`, keyed by module name ('blocks.attn16')."""
     return {name: m.gamma.detach() for name, m in module.named_modules() if isinstance(m, AttentionLayer)}
+
+
+@torch.no_grad()
+def attention_shares(net: nn.Module, run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """For every attention layer of `net` while `run()` runs it (in eval mode: no spectral-norm update, running
+    BatchNorm statistics), ||y - x|| / ||x|| with y = x + gamma f(x): the attention branch's share of the layer's output.
+    Gamma alone hides the branch's scale: a small gamma can carry a large f(x). On the device, by module name."""
+    found: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(
+            lambda _m, args, out, name=name: found.__setitem__(name, (out - args[0]).float().norm() / args[0].float().norm())
+        )
+        for name, m in net.named_modules()
+        if isinstance(m, AttentionLayer)
+    ]
+    was_training = net.training
+    net.eval()
+    try:
+        run()
+    finally:
+        net.train(was_training)
+        for h in hooks:
+            h.remove()
+    return found

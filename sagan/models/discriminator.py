@@ -109,6 +109,8 @@ class Discriminator(nn.Module):
         r = self.resolution
         if x.ndim != 4 or x.shape[1:] != (3, r, r):
             raise ValueError(f"expected images of shape (B, 3, {r}, {r}), got {tuple(x.shape)}")
+        if y is not None and y.is_floating_point():
+            raise ValueError("D takes class indices (an int64 tensor), not class weights")
         check_labels(y, x.shape[0], self.num_classes)
         h = x
         for block in self.blocks.values():

@@ -120,7 +120,11 @@ class GeneratorBatchNorm2d(nn.Module):
         if self.bn.affine:
             return self.bn(x)
         h = self.bn(x)
-        if self.form == "tables":
+        if y.is_floating_point():  # class weights (B, classes): a mixture of the classes' gains and biases
+            gain_table = self.gain if self.form == "tables" else 1 + self.gain.weight.t()
+            bias_table = self.bias if self.form == "tables" else self.bias.weight.t()
+            gain, bias = y @ gain_table, y @ bias_table
+        elif self.form == "tables":
             gain, bias = self.gain[y], self.bias[y]
         else:
             # W onehot(y) is column y of W: indexed, not multiplied (exact, and no TF32 rounding on a GPU).
@@ -132,10 +136,12 @@ class GeneratorBatchNorm2d(nn.Module):
 
 
 def check_labels(y: torch.Tensor | None, batch: int, num_classes: int) -> None:
-    """Fail clearly on labels that do not fit the model: missing, unexpected, wrong shape, dtype or range.
+    """Fail clearly on labels that do not fit the model: missing, unexpected, wrong shape, dtype or range. Float
+    labels of shape (batch, num_classes) are class weights (G's interpolations between classes).
 
-    The range check runs only for CPU tensors: on a GPU it would force a host sync on every step, and labels reach
-    the GPU from data that has already been checked.
+    The range check runs only for CPU tensors and outside torch.compile and torch.export: on a GPU it would force a
+    host sync on every step (and labels reach the GPU from data that has already been checked), and a traced graph
+    cannot branch on values.
     """
     if num_classes == 0:
         if y is not None:
@@ -143,7 +149,13 @@ def check_labels(y: torch.Tensor | None, batch: int, num_classes: int) -> None:
         return
     if y is None:
         raise ValueError(f"this model is class-conditional ({num_classes} classes): pass labels y of shape ({batch},)")
+    if y.is_floating_point():  # class weights, one row per sample (G only: interpolations between classes)
+        if y.shape != (batch, num_classes):
+            raise ValueError(f"class weights must have shape ({batch}, {num_classes}), got {tuple(y.shape)}")
+        return
     if y.shape != (batch,) or y.dtype != torch.long:
         raise ValueError(f"labels must be an int64 tensor of shape ({batch},), got {tuple(y.shape)} {y.dtype}")
-    if y.device.type == "cpu" and batch > 0 and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+    if torch.compiler.is_compiling() or y.device.type != "cpu" or batch == 0:
+        return
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got values from {int(y.min())} to {int(y.max())}")

@@ -81,6 +81,7 @@ def training_data(cfg: DictConfig, world: World) -> Any:
 
 def build_trainer(cfg: DictConfig, num_classes: int, world: World, device: torch.device, perf: dict[str, Any]) -> Trainer:
     G, D = build_models(cfg.model, num_classes)
+    freeze_d_blocks(D, cfg.train.freeze_d)  # before the trainer: its optimizer and DDP see which parameters train
     if cfg.dist.sync_bn:
         use_sync_batchnorm(G)
     # The batch each of G's BatchNorms normalises over: G_ema's standing statistics use batches of that size.
@@ -96,6 +97,19 @@ def build_trainer(cfg: DictConfig, num_classes: int, world: World, device: torch
         ema_bn_batch_size=bn_batch, device=device, seed=cfg.train.seed, world=world, grad_accum=cfg.train.grad_accum,
         augment=augment, **perf,
     )  # fmt: skip
+
+
+def freeze_d_blocks(D: torch.nn.Module, k: int) -> list[str]:
+    """FreezeD: D's first k residual blocks, and the attention layers among them, keep their weights (their
+    spectral-norm u and v still follow those weights). Returns the names of the frozen entries of D.blocks."""
+    names = list(D.blocks)
+    blocks = [n for n in names if n.startswith("block")]
+    if not 0 <= k <= len(blocks):
+        raise ValueError(f"train.freeze_d={k}, but this D has {len(blocks)} blocks: choose 0 to {len(blocks)}")
+    frozen = names if k == len(blocks) else names[: names.index(blocks[k])]
+    for name in frozen:
+        D.blocks[name].requires_grad_(False)
+    return frozen
 
 
 def open_outputs(

@@ -1,6 +1,7 @@
-"""What a run reports about itself between checkpoints: the losses summed on the device between two logs, and the
-scalars logged with them (learning rates, every attention gamma, every spectral-norm sigma), with a warning for an
-attention layer that never switched on."""
+"""What a run reports about itself between checkpoints: the step's values (losses, D's outputs on real and fake
+images, gradient norms) summed on the device between two logs, and the scalars logged with them (learning rates,
+every attention gamma and the attention branch's share of its layer's output, every spectral-norm sigma), with a
+warning for an attention layer that never switched on. One host sync per log for all of them."""
 
 from __future__ import annotations
 
@@ -9,14 +10,21 @@ import logging
 import torch
 from torch import nn
 
-from sagan.models import attention_gammas, spectral_sigmas
+from sagan.models import attention_gammas, attention_shares, spectral_sigmas
 from sagan.training.step import Trainer
 
 log = logging.getLogger("sagan")
 
 
+# The W&B and metrics.jsonl names of Trainer.train_step's values (sagan.training.step.STEP_VALUES).
+LOGGED = {
+    "d_loss": "loss/d", "g_loss": "loss/g", "d_real": "D/real", "d_fake": "D/fake", "d_real_positive": "D/real_positive",
+    "grad_norm_d": "grad_norm/D", "grad_norm_g": "grad_norm/G",
+}  # fmt: skip
+
+
 class LossSums:
-    """Losses summed on the device between two logs (no host sync per step)."""
+    """The step's values summed on the device between two logs (no host sync per step)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -31,11 +39,15 @@ class LossSums:
         return {k: (v / self.count).item() for k, v in self.sums.items()}
 
 
-def training_scalars(trainer: Trainer) -> dict[str, float]:
-    """Learning rates, every attention gamma and every spectral-norm sigma of G and D (one host sync for all)."""
+def training_scalars(trainer: Trainer, G_inputs: tuple[torch.Tensor, torch.Tensor | None]) -> dict[str, float]:
+    """Learning rates, every attention gamma and share and every spectral-norm sigma of G and D (one host sync for
+    all). The shares are G's on `G_inputs` (z, y) and D's on the last real batch it trained on."""
     named: dict[str, torch.Tensor] = {}
-    for net_name, net in (("G", trainer.G), ("D", trainer.D)):
+    G, D = trainer.G, trainer.D
+    runs = {"G": lambda: G(*G_inputs), "D": lambda: D(trainer.last_real, trainer.last_real_labels)}
+    for net_name, net in (("G", G), ("D", D)):
         named |= {f"gamma/{net_name}/{k.removeprefix('blocks.')}": v for k, v in attention_gammas(net).items()}
+        named |= {f"attn_share/{net_name}/{k.removeprefix('blocks.')}": v for k, v in attention_shares(net, runs[net_name]).items()}
         named |= {f"sigma/{net_name}/{k}": v for k, v in spectral_sigmas(net).items()}
     values = torch.stack(list(named.values())).tolist() if named else []
     lrs = {"lr/g": trainer.opt.g.param_groups[0]["lr"], "lr/d": trainer.opt.d.param_groups[0]["lr"]}

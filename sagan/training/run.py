@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from sagan.checkpoint import CheckpointError, check_same_model, find_latest, load_checkpoint, model_record, save_checkpoint
 from sagan.training.assembly import assemble, open_outputs
 from sagan.training.divergence import Diverged
-from sagan.training.monitoring import num_params, training_scalars, warn_dead_attention
+from sagan.training.monitoring import LOGGED, num_params, training_scalars, warn_dead_attention
 from sagan.utils.processes import World, barrier, broadcast_object, rank_seed, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger("sagan")
@@ -119,13 +119,14 @@ class Run:
             log.info(f"step {step}: {' '.join(f'{k} {v:.3f}' for k, v in scores.items())}")
         return scores
 
-    def log_step(self, step: int, losses: dict[str, float]) -> None:
-        """Progress line, and losses, learning rates, gammas, sigmas and images/s to W&B and metrics.jsonl (rank 0)."""
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        """Progress line, and the step's values (losses, D's outputs, gradient norms), learning rates, gammas, attention
+        shares, sigmas and images/s to W&B and metrics.jsonl (rank 0)."""
         if self.progress is None:
             return
-        images_per_s = self.progress.update(step, losses)
-        scalars = training_scalars(self.trainer)
-        named = {f"loss/{k.removesuffix('_loss')}": v for k, v in losses.items()}
+        images_per_s = self.progress.update(step, {k: values[k] for k in ("d_loss", "g_loss")})
+        scalars = training_scalars(self.trainer, (self.snapshots.z, self.snapshots.y))
+        named = {LOGGED[k]: v for k, v in values.items()}
         timing = {"speed/images_per_s": images_per_s, "time/train_s": self.elapsed()}
         self.logger.log_scalars(step, {**named, **timing, **scalars})
         self.warned |= warn_dead_attention(scalars, step, self.cfg.logger.gamma_warn_after, self.warned)

@@ -28,6 +28,20 @@ from sagan.utils.processes import SINGLE, World, broadcast_buffers
 log = logging.getLogger("sagan")
 
 
+# What train_step returns, on the device: the losses (D's of its last step), D's mean logit on the real and on the
+# fake images and the fraction of real ones it scores positive (2x it - 1 is StyleGAN2-ADA's overfitting heuristic
+# r_t), each the mean over the step's D steps, and the gradient norms of D (mean over its steps) and G.
+STEP_VALUES = ("d_loss", "g_loss", "d_real", "d_fake", "d_real_positive", "grad_norm_d", "grad_norm_g")
+
+
+def grad_norm(net: nn.Module) -> torch.Tensor:
+    """The L2 norm of all of a network's gradients, on the device."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=next(net.parameters()).device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 class Trainer:
     """G, D, G_ema, both Adam optimizers and the latent RNG: everything one step touches and a checkpoint holds.
 
@@ -73,6 +87,7 @@ class Trainer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.G = G.to(self.device, memory_format=self.memory_format)
         self.D = D.to(self.device, memory_format=self.memory_format)
+        self.d_trainable = [p for p in self.D.parameters() if p.requires_grad]  # all but frozen blocks (train.freeze_d)
         self.opt = Optimizers(self.G, self.D, lr_g=lr_g, lr_d=lr_d, betas=betas, eps=eps, fused=fused_adam)
         # bf16 autocast for the G and D forwards; weights, optimizer, spectral norm and losses stay fp32.
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -133,6 +148,8 @@ class Trainer:
         z, y_fake = self.sample_latents(real.shape[0])
         self.opt.d.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        outputs = torch.zeros(3, device=self.device)
+        self.last_real, self.last_real_labels = real, y_real  # what monitoring shows D at a log step
         for real_m, y_real_m, z_m, y_fake_m in self.micro_batches(real, y_real, z, y_fake):
             with torch.no_grad(), torch.autocast(**self.autocast), self._g_bn_statistics():
                 fake = self.G_fast(z_m, y_fake_m).to(real_m.dtype)  # bf16 under autocast: as the real images
@@ -150,6 +167,9 @@ class Trainer:
             loss = self.d_loss_fn(real_logits, fake_logits) / self.grad_accum
             loss.backward()
             total += loss.detach()
+            outputs += torch.stack([real_logits.mean(), fake_logits.mean(), (real_logits > 0).float().mean()]).detach()
+        self.d_outputs = outputs / self.grad_accum  # D's mean logit on real and fake, and the share of reals it passes
+        self.grad_norm_d = grad_norm(self.D)
         self.opt.d.step()
         return total
 
@@ -161,7 +181,8 @@ class Trainer:
         z, y = self.sample_latents(batch_size)
         self.opt.g.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        self.D.requires_grad_(False)
+        for p in self.d_trainable:
+            p.requires_grad_(False)
         try:
             with contextlib.nullcontext() if self.d_sn_in_g_step else power_iteration_paused(self.D):
                 for z_m, y_m in self.micro_batches(z, y):
@@ -174,7 +195,9 @@ class Trainer:
                     loss.backward()
                     total += loss.detach()
         finally:
-            self.D.requires_grad_(True)
+            for p in self.d_trainable:
+                p.requires_grad_(True)
+        self.grad_norm_g = grad_norm(self.G)
         self.opt.g.step()
         return total
 
@@ -187,30 +210,31 @@ class Trainer:
         return self.ema.ready(self.step)
 
     def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """n_dis D steps on fresh real batches, one G step, one EMA update. Losses stay on the device (no sync).
+        """n_dis D steps on fresh real batches, one G step, one EMA update. STEP_VALUES stay on the device (no sync).
 
-        `batches` yields this rank's share of each global batch; with several ranks the returned losses are the means
+        `batches` yields this rank's share of each global batch; with several ranks the returned values are the means
         over all of them.
 
         Real labels are used only by a class-conditional model; an unconditional one ignores them.
         """
         self.G.train(), self.D.train()
+        d_outputs, d_norms = torch.zeros(3, device=self.device), torch.zeros((), device=self.device)
         for _ in range(self.n_dis):
             images, labels = next(batches)
             d_loss = self.d_step(to_float(images), labels if self.G.num_classes else None)
+            d_outputs, d_norms = d_outputs + self.d_outputs, d_norms + self.grad_norm_d
         g_loss = self.g_step(images.shape[0])
         self.step += 1
         # DDP sends rank 0's buffers (BN statistics, SN u and v) at the start of each forward; the forwards after that
         # updated them on each rank: send them again, so every rank ends the step with the same state.
         broadcast_buffers([self.G, self.D], self.world)
         self.ema.update(self.G, self.step)
-        losses = torch.stack([d_loss, g_loss])
-        if self.world.size > 1:  # the global batch's losses, so every rank sees (and acts on) the same values
-            dist.all_reduce(losses)
-            losses /= self.world.size
-        self.watch.record(self.step, losses)
-        d_loss, g_loss = losses.unbind()
-        return {"d_loss": d_loss, "g_loss": g_loss}
+        values = torch.cat([torch.stack([d_loss, g_loss]), d_outputs / self.n_dis, (d_norms / self.n_dis)[None], self.grad_norm_g[None]])
+        if self.world.size > 1:  # the global batch's values, so every rank sees (and acts on) the same ones
+            dist.all_reduce(values)
+            values /= self.world.size
+        self.watch.record(self.step, values[:2])
+        return dict(zip(STEP_VALUES, values.unbind()))
 
     def nonfinite(self) -> str | None:
         """What went NaN/Inf since the last check (losses, or G/D parameters), or None. Syncs with the device."""

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from sagan.data.images import to_uint8
+from sagan.models import attention_shares
 from sagan.visualization.figures import capture_attention_inputs, map_names
 
 PAGE_BUDGET = 3 * 2**20  # bytes of one page file: images, maps (base64: 4 bytes per 3) and the page itself
@@ -41,6 +42,7 @@ class LayerMaps:
     height: int
     width: int
     gamma: float
+    share: float  # ||gamma f(x)|| / ||x|| over the page's images: the attention branch's share of the layer's output
     maps: torch.Tensor
     images: list[int]
     stride: int = 1
@@ -66,6 +68,7 @@ def layer_maps(model: nn.Module, run: Callable[[], object], prefix: str, images:
     model.eval()  # also while the maps are computed: in train mode their convs would move spectral norm's u and v
     try:
         inputs = capture_attention_inputs(model, run)
+        shares = attention_shares(model, run)
         layers = dict(model.named_modules())
         out = []
         for name, features in inputs.items():
@@ -74,7 +77,7 @@ def layer_maps(model: nn.Module, run: Callable[[], object], prefix: str, images:
             for head, short in enumerate(map_names(name, block)):
                 maps = block.attention_maps(features.float(), head=head).float().cpu()  # (B, H*W, KH, KW)
                 maps = maps.reshape(maps.shape[0], H, W, *maps.shape[-2:])
-                out.append(LayerMaps(f"{prefix}_{short}", H, W, float(block.gamma), maps, list(images)))
+                out.append(LayerMaps(f"{prefix}_{short}", H, W, float(block.gamma), float(shares[name]), maps, list(images)))
     finally:
         model.train(was_training)
     return out
@@ -118,7 +121,7 @@ def page_html(images: list[tuple[torch.Tensor, str]], layers: Sequence[LayerMaps
     for layer in layers:
         q, peak = quantise(layer.kept())
         records.append({
-            "name": layer.name, "height": layer.height, "width": layer.width, "gamma": layer.gamma,
+            "name": layer.name, "height": layer.height, "width": layer.width, "gamma": layer.gamma, "share": layer.share,
             "stride": layer.stride, "offset": layer.offset, "images": layer.images,
             "queries": list(q.shape[1:3]), "keys": list(q.shape[3:5]),
             "maps": base64.b64encode(q.tobytes()).decode(), "peaks": base64.b64encode(peak.tobytes()).decode(),

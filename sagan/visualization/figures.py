@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
-from sagan.utils.atomic_files import atomic_write
+from sagan.utils.atomic_files import atomic_write, write_png
 from sagan.models import AttentionLayer
 
 # Query points as fractions (row, col) of the image: a left/right pair at two heights, so a user sees whether a point
@@ -158,6 +158,21 @@ def save_grid(images: torch.Tensor, path: Path) -> None:
     buffer = io.BytesIO()
     save_image(images, buffer, format="png", nrow=math.ceil(len(images) ** 0.5), normalize=True, value_range=(-1, 1))
     atomic_write(path, buffer.getvalue())
+
+
+def save_interpolations(rows: torch.Tensor, out: Path, *, frame_ms: int = 120) -> list[Path]:
+    """Interpolations uint8 (n, steps, 3, R, R) as `interp.png` (one row per interpolation) and `interp.gif` (frame t:
+    every row's image t, as a grid; forth and back, looping)."""
+    n, steps = rows.shape[:2]
+    grid = make_grid(rows.reshape(n * steps, *rows.shape[2:]), nrow=steps, padding=2)
+    frames = [make_grid(rows[:, t], nrow=math.ceil(n**0.5), padding=2) for t in range(steps)]
+    frames += frames[-2:0:-1]  # back again, without repeating the ends
+    pictures = [Image.fromarray(f.permute(1, 2, 0).numpy()) for f in frames]
+    write_png(out / "interp.png", Image.fromarray(grid.permute(1, 2, 0).numpy()))
+    gif = io.BytesIO()
+    pictures[0].save(gif, format="GIF", save_all=True, append_images=pictures[1:], duration=frame_ms, loop=0)
+    atomic_write(out / "interp.gif", gif.getvalue())
+    return [out / "interp.png", out / "interp.gif"]
 
 
 @torch.no_grad()
