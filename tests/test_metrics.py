@@ -13,6 +13,7 @@ from scipy import linalg
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from sagan.checkpoint import load_checkpoint
+from sagan.data.dataset_base import DatasetError
 from sagan.cli import parse_args
 from sagan.evaluation.evaluate import evaluate
 from sagan.evaluation.request import FidArgs
@@ -146,7 +147,7 @@ def test_cli_errors_are_clear(tmp_path):
         evaluate(fid_args(f"ckpt={tmp_path / 'x.pt'}", f"gen={tmp_path / 'gen'}", f"ref={tmp_path / 'gen'}"))
     with pytest.raises(ValueError, match="no images found"):
         evaluate(fid_args(f"gen={tmp_path / 'empty'}", f"ref={tmp_path / 'gen'}", "isc=false"))
-    with pytest.raises(MetricsError, match="neither an existing folder/.zip/.npz nor a known dataset"):
+    with pytest.raises(DatasetError, match="neither an existing folder or .zip nor a known dataset .*, demo, .npz statistics, train"):
         evaluate(fid_args(f"gen={tmp_path / 'gen'}", "ref=imagenet-train", "isc=false"))
     with pytest.raises(MetricsError, match="ref=train means the data a checkpoint trained on"):
         evaluate(fid_args(f"gen={tmp_path / 'gen'}", "ref=train", "isc=false"))
@@ -296,7 +297,7 @@ def write_class_folders(root, names, n, size):
 
 
 @needs_weights
-def test_intra_fid_is_each_class_sampled_and_scored_on_its_own(tmp_path, tiny_cfg):
+def test_intra_fid_is_each_class_sampled_and_scored_on_its_own(tmp_path, tiny_cfg, capsys):
     """intra=true gives class k the FID of `sagan-sample class=k seed=<seed+k>` against that class's folder, and
     their mean: the same numbers through another path (PNG files and sagan-fid gen=)."""
     from sagan.sample import SampleArgs, sample
@@ -311,6 +312,9 @@ def test_intra_fid_is_each_class_sampled_and_scored_on_its_own(tmp_path, tiny_cf
     assert list(classes) == names and all(c["samples"] == 3 and c["reference_images"] == 6 for c in classes.values())
     assert result["metrics"]["intra_fid"] == pytest.approx(sum(c["fid"] for c in classes.values()) / 3)
     assert "intra-FID: 3 samples per class against that class's images" in result["protocol"]["notes"]
+    printed = capsys.readouterr().out
+    assert f"intra-FID  {result['metrics']['intra_fid']:.4f}" in printed  # in the table, and class by class
+    assert f"| square | {classes['square']['fid']:.3f} |" in printed and "| intra-FID (mean) |" in printed
     for k, name in enumerate(names):
         sample(parse_args(SampleArgs, [f"ckpt={ckpt}", "n=3", f"class_={k}", f"seed={4 + k}", f"out={tmp_path / name}"]))
         alone = evaluate(fid_args(f"gen={tmp_path / name}", f"ref={tmp_path / 'ref' / name}", f"out={tmp_path / 'm.json'}", *common))

@@ -3,7 +3,7 @@ tiny checkpoint trained for the test, numbers of images are capped at 64, the of
 where they exist, and `sagan-import`'s `src=` is a small StudioGAN run written by StudioGAN's own code (with
 SAGAN_STUDIOGAN_SRC; skipped without it). `sagan-train` and `sagan-ablate` commands are composed (their configs are
 checked, nothing trains); `sagan-fid` commands whose images need a download or a path of the user's are parsed (keys
-and types checked) instead of run. Their Python blocks run as they are, in a folder where `cifar10_sagan.pt` is the
+and types checked) instead of run, and so are `sagan-prepare` commands whose source is not the demo. Their Python blocks run as they are, in a folder where `cifar10_sagan.pt` is the
 tiny checkpoint."""
 
 import os
@@ -28,12 +28,13 @@ from sagan.evaluation.request import FidArgs
 from sagan.export import ExportArgs, export
 from sagan.fid import truncation_list
 from sagan.import_weights import ImportArgs, import_run
+from sagan.prepare import PrepareArgs, prepare_dataset
 from sagan.sample import SampleArgs, sample
 from sagan.training.loop import train
 
 README = Path(__file__).parents[1] / "README.md"
 PAGES = [README, *sorted((README.parent / "docs").glob("*.md"))]
-COMMAND_NAMES = ("sagan-train", "sagan-sample", "sagan-attention", "sagan-fid", "sagan-ablate", "sagan-import", "sagan-export")
+COMMAND_NAMES = ("sagan-train", "sagan-sample", "sagan-attention", "sagan-fid", "sagan-ablate", "sagan-import", "sagan-export", "sagan-prepare")
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
 
 
@@ -114,6 +115,11 @@ def test_readme_command_runs(words, checkpoint, tmp_path, monkeypatch, request):
         run = request.getfixturevalue("studiogan_run")
         out = import_run(parse_args(ImportArgs, [f"src={run}" if a.startswith("src=") else a for a in args]))
         assert out.is_file() and load_checkpoint(out)["imported"]["from"] == "PyTorch-StudioGAN"
+        return
+    if command == "sagan-prepare":  # run when its source is here (the demo), else its keys parsed
+        parsed = parse_args(PrepareArgs, args)
+        if parsed.src == "demo":
+            assert prepare_dataset(parsed).images == 10_000 and Path(parsed.out).is_file()
         return
     args = substituted(args, checkpoint)
     if command == "sagan-sample":

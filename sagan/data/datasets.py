@@ -15,6 +15,7 @@ transfer than float32); the trainer maps them to [-1, 1].
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -22,9 +23,36 @@ from torch.utils.data import Dataset
 from sagan.data.demo import MirrorShapes
 from sagan.data.dataset_base import DatasetError
 from sagan.data.folders import ImageFolder
-from sagan.data.torchvision_sets import torchvision_dataset
+from sagan.data.torchvision_sets import TORCHVISION_SPLITS, torchvision_dataset
 
 DATASETS = ("cifar10", "cifar100", "stl10", "celeba", "folder", "demo")
+
+
+def named_dataset(
+    source: str,
+    *,
+    resolution: int,
+    data_root: str | None,
+    download: bool,
+    labels: bool,
+    skip_bad: bool = False,
+    also: str = "",
+) -> Dataset:
+    """The images a command-line `src=` or `ref=` names, prepared at `resolution` as training images are: an existing
+    folder or .zip, `demo` (the generated demo images, seed 0), or a torchvision dataset as <name>-<split>
+    (cifar10-train, stl10-unlabeled, ...) under `data_root`. `also`: what else the command accepts, for the error."""
+    if source == "demo":
+        return build_dataset("demo", root=None, resolution=resolution, labels=labels)
+    path = Path(source).expanduser()
+    if path.exists():
+        return build_dataset("folder", root=str(path), resolution=resolution, labels=labels, skip_bad=skip_bad)
+    name, _, split = source.partition("-")
+    if name not in TORCHVISION_SPLITS:
+        known = ", ".join(f"{n}-{s}" for n, splits in TORCHVISION_SPLITS.items() for s in splits)
+        raise DatasetError(
+            f"'{source}' is neither an existing folder or .zip nor a known dataset ({known}, demo{', ' + also if also else ''})"
+        )
+    return build_dataset(name, root=data_root, resolution=resolution, download=download, labels=labels, split=split or "train")
 
 
 def training_dataset(config: dict, *, resolution: int, labels: bool) -> Dataset:

@@ -1,10 +1,12 @@
 """Image folders and zip archives as datasets: a directory tree (searched recursively) or a .zip read in place, labels
-from the first sub-folder, unreadable files named (or skipped, data.skip_bad)."""
+from a `dataset.json` (StyleGAN2-ADA's layout, what sagan-prepare writes) or else from the first sub-folder,
+unreadable files named (or skipped, data.skip_bad)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import zipfile
@@ -38,6 +40,54 @@ def _is_image_path(relpath: str) -> bool:
     return os.path.splitext(relpath)[1].lower() in IMAGE_EXTENSIONS
 
 
+# The labels file of StyleGAN2-ADA's dataset_tool.py, at the root of a folder or zip: {"labels": [[relative path,
+# class index], ...]} or {"labels": null}. sagan-prepare writes the same, and the class names under "classes".
+MANIFEST = "dataset.json"
+
+
+def read_manifest(path: Path, is_zip: bool) -> dict | None:
+    """The folder's or zip's dataset.json, or None when it has none."""
+    if is_zip:
+        with zipfile.ZipFile(path) as archive:
+            if MANIFEST not in archive.namelist():
+                return None
+            text = archive.read(MANIFEST)
+    elif (path / MANIFEST).is_file():
+        text = (path / MANIFEST).read_bytes()
+    else:
+        return None
+    try:
+        manifest = json.loads(text)
+    except ValueError as error:
+        raise DatasetError(f"'{path}/{MANIFEST}' is not valid JSON ({error}): fix it, or delete it to label by sub-folder") from None
+    if not isinstance(manifest, dict) or "labels" not in manifest:
+        raise DatasetError(f"'{path}/{MANIFEST}' has no \"labels\" entry: write StyleGAN2-ADA's layout, or delete it")
+    return manifest
+
+
+def manifest_labels(manifest: dict, files: list[str], where: str) -> tuple[list[str], list[int]]:
+    """(class names, the label of every file) from a dataset.json; ([], zeros) when its labels are null."""
+    if manifest["labels"] is None:
+        return [], [0] * len(files)
+    table = {str(name): label for name, label in manifest["labels"]}
+    missing = [f for f in files if f not in table]
+    if missing:
+        raise DatasetError(
+            f"'{where}/{MANIFEST}' has no label for '{missing[0]}' ({len(missing)} of {len(files)} images): "
+            "list every image in it, or delete it to label by sub-folder"
+        )
+    labels = [table[f] for f in files]
+    if not all(isinstance(y, int) and not isinstance(y, bool) and y >= 0 for y in labels):
+        raise DatasetError(
+            f"'{where}/{MANIFEST}' labels must be class indices >= 0 (sagan conditions on classes, not label vectors)"
+        )
+    count = max(labels) + 1
+    classes = [str(c) for c in manifest.get("classes") or range(count)]
+    if len(classes) < count:
+        raise DatasetError(f"'{where}/{MANIFEST}' names {len(classes)} classes but uses labels up to {count - 1}")
+    return classes, labels
+
+
 def _list_directory(root: Path) -> tuple[list[str], float]:
     """The image files under `root` (sorted relative paths) and the newest modification time of its folders (adding,
     removing or renaming a file changes its folder's)."""
@@ -59,8 +109,9 @@ class ImageFolder(Dataset):
     """Images in a directory tree (searched recursively) or a .zip archive (read in place, never extracted).
 
     Files are sorted by their path below the root, so a folder and a zip of the same tree give identical items.
-    With `labels=True` the class of an image is the first path component below the root (sorted class names ->
-    0..K-1); if every image sits directly in the root, the dataset is unlabeled. Inside a zip the root is the
+    With `labels=True` the class of an image is its entry in the root's dataset.json when there is one (StyleGAN2-ADA's
+    layout; see MANIFEST), else the first path component below the root (sorted class names -> 0..K-1); if every
+    image sits directly in the root, the dataset is unlabeled. Inside a zip the root is the
     archive itself, so a zip whose members all sit under one top folder is a single class.
 
     With `skip_bad=True` unreadable files are found lazily, not by decoding everything up front (slow for big
@@ -89,7 +140,10 @@ class ImageFolder(Dataset):
             raise DatasetError(f"no images found under '{root}' (looked for {', '.join(IMAGE_EXTENSIONS)})")
 
         in_subfolder = ["/" in f for f in self.files]
-        if labels and all(in_subfolder):
+        manifest = read_manifest(path, self.is_zip) if labels else None
+        if manifest is not None:
+            self.classes, self.labels = manifest_labels(manifest, self.files, self.root)
+        elif labels and all(in_subfolder):
             self.classes = sorted({f.split("/", 1)[0] for f in self.files})
             class_index = {c: i for i, c in enumerate(self.classes)}
             self.labels = [class_index[f.split("/", 1)[0]] for f in self.files]

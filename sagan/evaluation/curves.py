@@ -3,6 +3,7 @@ of z, as a table and a plot."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ def plot_truncation(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         right = left.twinx()
         right.plot(x, [r["metrics"][other] for r in cut], "s--", color="C1")
         right.set_ylabel(dict(SHOWN)[other], color="C1")
-    left.set_title(title, fontsize=9)
+    left.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=7)
     left.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -27,7 +27,7 @@ from sagan.evaluation.metrics import (
     metrics_on_main,
     report,
 )
-from sagan.evaluation.per_class import check_intra, intra_fid
+from sagan.evaluation.per_class import check_intra, class_table, intra_fid
 from sagan.evaluation.references import generated_resolution, reference_dataset, reference_source
 from sagan.evaluation.reference_stats import (
     Reference,
@@ -146,9 +146,11 @@ def evaluate(args: Any, world: World = SINGLE, device: torch.device | None = Non
         if len(rows) > 1:
             print(truncation_table(rows))
             print(f"protocol: {protocol.describe()}")
-            print(plot_truncation(rows, out.with_name("truncation.png"), title=f"{source}: {protocol.describe()[:90]}"))
+            print(plot_truncation(rows, out.with_name("truncation.png"), title=f"{source}: {protocol.describe()}"))
         else:
             print(report(rows[0]["metrics"], protocol))
+        if args.intra:
+            print(class_table(rows))
         atomic_write(out, json.dumps(result, indent=2) + "\n")
         print(f"written to {out}")
     return result

@@ -4,12 +4,13 @@ the original FID and Inception Score code), which papers' numbers use. Always ru
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch_fidelity.utils import create_feature_extractor
 
+from sagan.evaluation.moments import FeatureMoments
 from sagan.utils.processes import SINGLE, World
 from sagan.utils.full_precision import full_precision
 from sagan.utils.progress import Progress
@@ -52,14 +53,44 @@ class Inception:
         reports progress every 10 s: "<what> done/total (rank 0's part of overall) | img/s | eta"."""
         pool = torch.empty(total, 2048)
         logits = torch.empty(total, 1008) if self.logits else None
+        for start, pool_batch, logits_batch in self._outputs(batches, total=total, what=what, world=world, overall=overall):
+            pool[start : start + len(pool_batch)] = pool_batch
+            if logits is not None:
+                logits[start : start + len(logits_batch)] = logits_batch
+        return pool, logits
+
+    def accumulate(
+        self,
+        batches: Iterable[torch.Tensor],
+        moments: FeatureMoments,
+        *,
+        keep: bool,
+        total: int,
+        what: str,
+        world: World = SINGLE,
+        overall: int | None = None,
+    ) -> torch.Tensor | None:
+        """Add the pool features of every image of `batches` to `moments`, batch by batch, so that memory does not
+        grow with the number of images; with `keep` also return them (total, 2048), in order (KID and
+        precision/recall need them), else None. Progress is reported as by `features`; logits are not kept."""
+        pool = torch.empty(total, 2048) if keep else None
+        for start, pool_batch, _ in self._outputs(batches, total=total, what=what, world=world, overall=overall):
+            moments.update(pool_batch)
+            if pool is not None:
+                pool[start : start + len(pool_batch)] = pool_batch
+        return pool
+
+    def _outputs(
+        self, batches: Iterable[torch.Tensor], *, total: int, what: str, world: World, overall: int | None
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """(index of its first image, pool3 features, logits) of each batch, in order, with rank 0 reporting progress;
+        refuses a count of images other than `total`."""
         note = f" (rank 0's part of {overall})" if world.size > 1 else ""
         progress = Progress(what=what, total=total, note=note) if world.main and total else None
         done, shown = 0, time.perf_counter()
         for images in batches:
             pool_batch, logits_batch = self(images)
-            pool[done : done + len(images)] = pool_batch
-            if logits is not None:
-                logits[done : done + len(images)] = logits_batch
+            yield done, pool_batch, logits_batch
             done += len(images)
             if progress is not None and (time.perf_counter() - shown > 10 or done == total):
                 progress.update(done)
@@ -68,4 +99,3 @@ class Inception:
             progress.close()
         if done != total:
             raise RuntimeError(f"expected {total} images, got {done}")
-        return pool, logits

@@ -196,6 +196,7 @@ def report(metrics: dict[str, float], protocol: Protocol) -> str:
     """The metrics as a small table and the protocol line. KID's "±" only where subsets are smaller than the sets."""
     rows = [
         ("FID", "fid", None),
+        ("intra-FID", "intra_fid", None),
         ("IS", "is", "is_std"),
         ("KID", "kid", "kid_std"),
         ("precision", "precision", None),

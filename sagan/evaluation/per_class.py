@@ -68,3 +68,13 @@ def intra_fid(
         )  # fmt: skip
         classes[names[k]] = {"fid": metrics["fid"], "samples": per_class, "reference_images": reference.num_images}
     return {"intra_fid": sum(c["fid"] for c in classes.values()) / len(classes), "classes": classes}
+
+
+def class_table(rows: list[dict[str, Any]]) -> str:
+    """Each class's FID (a column per truncation when there are several) and the mean, as a Markdown table."""
+    heads = ["FID" if r["truncation"] is None else f"FID at t={r['truncation']:g}" for r in rows]
+    lines = ["| class | " + " | ".join(heads) + " |", "|---|" + "---|" * len(rows)]
+    for name in rows[0]["classes"]:
+        lines.append(f"| {name} | " + " | ".join(f"{r['classes'][name]['fid']:.3f}" for r in rows) + " |")
+    lines.append("| intra-FID (mean) | " + " | ".join(f"{r['metrics']['intra_fid']:.3f}" for r in rows) + " |")
+    return "\n".join(lines)

@@ -3,7 +3,8 @@ and `.npz` statistics files (`mu`, `sigma`: the format pytorch-fid and the TTUR 
 
 One cache, keyed one way: by what the images are (their dataset's `identity()`), the resolution they are prepared at, the
 subset, and the Inception weights. Training (`eval.every`) and `sagan-fid` therefore share statistics of the same data.
-Under torchrun every rank extracts features of its part of the images; rank 0 alone holds the statistics.
+Under torchrun every rank sums the moments of its part of the images' features as they come (memory independent of the
+number of images), the ranks reduce them once, and rank 0 alone holds the statistics.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import logging
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from sagan.data.dataset_base import reraise_worker_error
 from sagan.data.datasets import ImageSubset
 from sagan.utils.processes import World, barrier, broadcast_object, gather_rows, rank_part
 from sagan.evaluation.inception import Inception
+from sagan.evaluation.moments import FeatureMoments
 
 log = logging.getLogger("sagan")
 
@@ -38,7 +41,7 @@ class ReferenceStatsError(ValueError):
 @dataclass
 class Reference:
     """Statistics of reference images: mean and covariance of their Inception pool3 features (float64), and the
-    features themselves when they were computed here (KID and precision/recall need them; a statistics file has none).
+    features themselves when they were asked for (KID and precision/recall need them; a statistics file has none).
 
     On ranks other than 0, `mu`, `sigma` and `features` are None: only rank 0 computes metrics.
     """
@@ -87,14 +90,49 @@ def dataset_features(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Inception features of a dataset's images (all, or a seeded subset of `limit`), in the subset's order: every
     rank extracts its part; rank 0 returns all of them, the others None."""
-    images = ImageSubset(dataset, limit=limit, seed=seed)
-    part = rank_part(len(images), world.rank, world.size)
-    loader = DataLoader(Subset(images, part), batch_size=batch_size, num_workers=num_workers)
-    pool, logits = inception.features(_unwrapped(loader), total=len(part), what=what, world=world, overall=len(images))
+    batches, part, overall = _rank_batches(
+        dataset, limit=limit, seed=seed, world=world, batch_size=batch_size, num_workers=num_workers
+    )
+    pool, logits = inception.features(batches, total=part, what=what, world=world, overall=overall)
     return gather_rows(pool, world), None if logits is None else gather_rows(logits, world)
 
 
-def _unwrapped(loader: DataLoader):
+def dataset_moments(
+    dataset: Dataset,
+    inception: Inception,
+    *,
+    keep: bool,
+    limit: int | None,
+    seed: int,
+    world: World,
+    batch_size: int,
+    num_workers: int,
+    what: str,
+) -> tuple[FeatureMoments, torch.Tensor | None]:
+    """The moments of the Inception pool features of a dataset's images (all, or a seeded subset of `limit`), summed
+    batch by batch on every rank and reduced once, and with `keep` the features themselves, gathered on rank 0 in
+    the subset's order (None on the other ranks, and without `keep`)."""
+    batches, part, overall = _rank_batches(
+        dataset, limit=limit, seed=seed, world=world, batch_size=batch_size, num_workers=num_workers
+    )
+    moments = FeatureMoments(FEATURES)
+    pool = inception.accumulate(batches, moments, keep=keep, total=part, what=what, world=world, overall=overall)
+    moments.all_reduce(world)
+    return moments, None if pool is None else gather_rows(pool, world)
+
+
+def _rank_batches(
+    dataset: Dataset, *, limit: int | None, seed: int, world: World, batch_size: int, num_workers: int
+) -> tuple[Iterator[torch.Tensor], int, int]:
+    """This rank's batches of a dataset's images (all, or a seeded subset of `limit`), how many images they hold and
+    how many all ranks hold together."""
+    images = ImageSubset(dataset, limit=limit, seed=seed)
+    part = rank_part(len(images), world.rank, world.size)
+    loader = DataLoader(Subset(images, part), batch_size=batch_size, num_workers=num_workers)
+    return _unwrapped(loader), len(part), len(images)
+
+
+def _unwrapped(loader: DataLoader) -> Iterator[torch.Tensor]:
     try:
         yield from loader
     except Exception as error:
@@ -105,6 +143,12 @@ def statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """mu and sigma of (N, 2048) features, through torch-fidelity, in float64."""
     stats = fid_features_to_statistics(features.double())
     return stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
+
+
+def _log_kept_features(n: int) -> None:
+    """Say what keeping n reference images' pool features (float32) costs rank 0, which holds them all (while computing,
+    each other rank holds its part). KID and precision/recall compare feature sets; FID needs only mu and sigma."""
+    log.info(f"keeping the {n:,} reference features for KID/precision-recall: {n * FEATURES * 4 / 2**20:,.1f} MiB")
 
 
 def dataset_reference(
@@ -123,38 +167,65 @@ def dataset_reference(
     need_features: bool = False,
 ) -> Reference:
     """The reference statistics of a dataset's images (and with `need_features` their features): read from the cache
-    by rank 0, or computed by all ranks and cached by rank 0 (features included)."""
+    by rank 0, or computed by all ranks and cached by rank 0.
+
+    mu and sigma are summed batch by batch (`FeatureMoments`): without `need_features` no rank holds more than a
+    batch of features, and the cache holds statistics only. A cached file without features is computed again (and
+    rewritten with them) when features are asked for; any cached file serves a request for statistics only.
+    """
     n = min(len(dataset), limit or len(dataset))
     path = Path(cache_root).expanduser() / f"{cache_key(dataset, resolution, limit, seed, weights)}.npz"
     reference = Reference(description, None, None, n, resolution=resolution)
-    if broadcast_object(path.is_file(), world):
+    cached = broadcast_object(_cached_arrays(path) if world.main else None, world)
+    if cached is not None and (not need_features or "features" in cached):
         log.info(f"reference statistics of {description}: cached in {path}")
+        if need_features:
+            _log_kept_features(n)
         if world.main:
-            with np.load(path) as saved:  # an .npz reads each array only when asked for it
-                reference.mu, reference.sigma = saved["mu"], saved["sigma"]
-                reference.features = torch.from_numpy(saved["features"]) if need_features else None
+            _read_cache(path, reference, need_features)
         reference.cached = True
         return reference
+    if cached is not None:
+        log.info(f"reference statistics of {description}: cached in {path} without features, which KID/precision-recall need")
     log.info(f"reference statistics of {description} ({n} images): computing, then cached in {path}")
-    features, _ = dataset_features(
-        dataset, inception, limit=limit, seed=seed, world=world, batch_size=batch_size, num_workers=num_workers,
-        what="reference images",
+    if need_features:
+        _log_kept_features(n)
+    moments, features = dataset_moments(
+        dataset, inception, keep=need_features, limit=limit, seed=seed, world=world, batch_size=batch_size,
+        num_workers=num_workers, what="reference images",
     )  # fmt: skip
     if world.main:
-        reference.mu, reference.sigma = statistics(features)
+        reference.mu, reference.sigma = moments.statistics()
         reference.features = features
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as f:
-            np.savez(
-                f,
-                mu=reference.mu,
-                sigma=reference.sigma,
-                num_images=n,
-                resolution=resolution,
-                features=features.numpy(),
-            )
+        _write_cache(path, reference)
     barrier(world)  # the others go on once the cache is written
     return reference
+
+
+def _cached_arrays(path: Path) -> list[str] | None:
+    """The names of the arrays in a cached file, None when there is none (an .npz reads only its directory here)."""
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        return list(saved.files)
+
+
+def _read_cache(path: Path, reference: Reference, need_features: bool) -> None:
+    """Fill `reference` with the statistics (and with `need_features` the features) of a cached file."""
+    with np.load(path) as saved:  # an .npz reads each array only when asked for it
+        reference.mu, reference.sigma = saved["mu"], saved["sigma"]
+        reference.features = torch.from_numpy(saved["features"]) if need_features else None
+
+
+def _write_cache(path: Path, reference: Reference) -> None:
+    """Cache a computed reference (whole or not at all): its statistics, and its features when it has them."""
+    features = {} if reference.features is None else {"features": reference.features.numpy()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        np.savez(
+            f, mu=reference.mu, sigma=reference.sigma, num_images=reference.num_images, resolution=reference.resolution,
+            **features,
+        )  # fmt: skip
 
 
 def load_reference_file(path: str | Path) -> Reference:

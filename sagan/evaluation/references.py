@@ -8,9 +8,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from sagan.data.datasets import build_dataset, training_dataset
+from sagan.data.datasets import named_dataset, training_dataset
 from sagan.data.folders import ImageFolder
-from sagan.data.torchvision_sets import TORCHVISION_SPLITS
 from sagan.evaluation.metrics import MetricsError
 from sagan.evaluation.reference_stats import Reference, load_reference_file
 
@@ -57,19 +56,8 @@ def reference_dataset(
         if state is None:
             raise MetricsError("ref=train means the data a checkpoint trained on: give ckpt=<checkpoint>")
         return training_dataset(state["config"], resolution=resolution, labels=labels)
-    if ref == "demo":  # the generated demo images (experiment=demo trains on these, seed 0)
-        return build_dataset("demo", root=None, resolution=resolution, labels=labels)
-    path = Path(ref).expanduser()
-    if path.exists():
-        return build_dataset("folder", root=str(path), resolution=resolution, labels=labels)
-    name, _, split = ref.partition("-")
-    if name not in TORCHVISION_SPLITS:
-        known = ", ".join(f"{n}-{s}" for n, splits in TORCHVISION_SPLITS.items() for s in splits)
-        raise MetricsError(
-            f"reference '{ref}' is neither an existing folder/.zip/.npz nor a known dataset ({known}, demo, train)"
-        )
-    return build_dataset(
-        name, root=data_root, resolution=resolution, download=download, labels=labels, split=split or "train"
+    return named_dataset(
+        ref, resolution=resolution, data_root=data_root, download=download, labels=labels, also=".npz statistics, train"
     )
 
 

@@ -1,0 +1,165 @@
+"""sagan-prepare: the training path's pixels in a zip of PNGs with StyleGAN2-ADA's dataset.json, resumable."""
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import compose_config
+from sagan.cli import parse_args
+from sagan.data import preparation
+from sagan.data.batch_stream import BatchStream
+from sagan.data.dataset_base import DatasetError
+from sagan.data.datasets import build_dataset, training_dataset
+from sagan.data.torchvision_sets import TorchvisionImages
+from sagan.prepare import PrepareArgs, prepare_dataset
+
+
+def noise(h: int, w: int, seed: int, mode: str = "RGB") -> Image.Image:
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    array = np.random.default_rng(seed).integers(0, 256, (h, w, channels), dtype=np.uint8)
+    return Image.fromarray(array[..., 0] if channels == 1 else array, mode)
+
+
+def class_tree(root: Path, per_class: int = 5) -> Path:
+    """Two classes of JPEG, PNG and greyscale images of several sizes, most not square and none at 16 px."""
+    for k, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            size = (40 + 7 * i, 30 + 3 * k)  # (width, height)
+            image = noise(size[1], size[0], seed=10 * k + i, mode="L" if i == 3 else "RGB")
+            image.save(root / name / f"{i}.{'jpg' if i % 2 else 'png'}")
+    return root
+
+
+def run(*argv: str) -> preparation.Prepared:
+    return prepare_dataset(parse_args(PrepareArgs, list(argv)))
+
+
+def test_the_zip_holds_the_training_pixels_and_labels_in_stylegan2_ada_layout(tmp_path):
+    src = class_tree(tmp_path / "src")
+    prepared = run(f"src={src}", f"out={tmp_path / 'out.zip'}", "resolution=16", "workers=2")
+    assert prepared.images == 10 and not prepared.skipped and not (tmp_path / "out.zip.parts").exists()
+    with zipfile.ZipFile(tmp_path / "out.zip") as archive:
+        manifest = json.loads(archive.read("dataset.json"))
+        names = sorted(n for n in archive.namelist() if n.endswith(".png"))
+        assert names == [f"00000/img{i:08d}.png" for i in range(10)]  # StyleGAN2-ADA's dataset_tool names
+        assert dict(manifest["labels"]) == {name: i // 5 for i, name in enumerate(names)} and manifest["classes"] == ["cat", "dog"]
+        for name in names:
+            with Image.open(io.BytesIO(archive.read(name))) as image:
+                assert image.size == (16, 16) and image.mode == "RGB"
+    source = build_dataset("folder", root=str(src), resolution=16)
+    again = build_dataset("folder", root=str(tmp_path / "out.zip"), resolution=16)
+    assert again.classes == source.classes and again.all_labels() == source.all_labels()
+    for i in range(10):  # the same pixels: the source's path decoded, cropped and resized them; the zip is lossless
+        assert torch.equal(again[i][0], source[i][0])
+
+
+def test_training_on_the_prepared_zip_sees_the_batches_of_the_source(tmp_path):
+    src = class_tree(tmp_path / "src")
+    run(f"src={src}", f"out={tmp_path / 'out.zip'}", "resolution=32", "workers=0")
+    streams = []
+    for root in (src, tmp_path / "out.zip"):
+        config = OmegaConf.to_container(compose_config("data=folder", f"data.root={root}", "model.conditional=true"))
+        dataset = training_dataset(config, resolution=32, labels=True)
+        streams.append(iter(BatchStream(dataset, batch_size=4, seed=3, hflip=True, num_workers=0)))
+    for _ in range(5):  # more than an epoch, flips included
+        (a, ya), (b, yb) = next(streams[0]), next(streams[1])
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def test_a_stylegan2_ada_zip_is_labelled_by_its_dataset_json(tmp_path):
+    """Its images sit in folders of 1,000 (00000/, 00001/): classes come from dataset.json, never from those."""
+    archive_path = tmp_path / "ada.zip"
+    names = [f"{i // 1000:05d}/img{i:08d}.png" for i in (0, 1, 1000, 1001)]
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        for i, name in enumerate(names):
+            buffer = io.BytesIO()
+            noise(8, 8, seed=i).save(buffer, format="PNG")
+            archive.writestr(name, buffer.getvalue())
+        archive.writestr("dataset.json", json.dumps({"labels": [[n, y] for n, y in zip(names, [4, 0, 4, 2])]}))
+    dataset = build_dataset("folder", root=str(archive_path), resolution=8)
+    assert dataset.all_labels() == [4, 0, 4, 2] and dataset.num_classes == 5 and dataset.classes == ["0", "1", "2", "3", "4"]
+    assert build_dataset("folder", root=str(archive_path), resolution=8, labels=False).num_classes == 0
+    unlabelled = tmp_path / "unlabelled"  # a folder works as a zip does
+    (unlabelled / "00000").mkdir(parents=True)
+    noise(8, 8, 0).save(unlabelled / "00000" / "img00000000.png")
+    (unlabelled / "dataset.json").write_text(json.dumps({"labels": None}))
+    assert build_dataset("folder", root=str(unlabelled), resolution=8).num_classes == 0
+    (unlabelled / "dataset.json").write_text(json.dumps({"labels": [["00000/other.png", 1]]}))
+    with pytest.raises(DatasetError, match=r"has no label for '00000/img00000000.png' \(1 of 1 images\)"):
+        build_dataset("folder", root=str(unlabelled), resolution=8)
+    (unlabelled / "dataset.json").write_text(json.dumps({"labels": [["00000/img00000000.png", [0.5, 0.5]]]}))
+    with pytest.raises(DatasetError, match="must be class indices"):
+        build_dataset("folder", root=str(unlabelled), resolution=8)
+
+
+def test_an_interrupted_preparation_continues_and_bad_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(preparation, "CHUNK", 3)
+    src = class_tree(tmp_path / "src")
+    (src / "dog" / "2.png").write_bytes(b"not a png")  # image 7 of 10: chunks 0 and 1 finish before it
+    out = tmp_path / "out.zip"
+    out.write_bytes(b"an older file")  # a failed run leaves it as it was
+    with pytest.raises(DatasetError, match=r"cannot read image .*dog/2.png .* run again with skip_bad=true") as error:
+        run(f"src={src}", f"out={out}", "resolution=16", "workers=0")
+    assert "\n" not in str(error.value) and out.read_bytes() == b"an older file"
+    parts = sorted(p.name for p in (tmp_path / "out.zip.parts").glob("chunk_*.zip"))
+    assert parts == ["chunk_000000.zip", "chunk_000001.zip"]
+    with pytest.raises(DatasetError, match=r"holds an unfinished preparation with other settings \(resolution differ\)"):
+        run(f"src={src}", f"out={out}", "resolution=8", "workers=0")
+    encoded, encode = [], preparation.encode_png
+    monkeypatch.setattr(preparation, "encode_png", lambda image: encoded.append(1) or encode(image))
+    prepared = run(f"src={src}", f"out={out}", "resolution=16", "workers=0", "skip_bad=true")
+    assert prepared.reused_chunks == 2 and len(encoded) == 10 - 6 - 1  # only the rest was done again
+    assert prepared.images == 9 and len(prepared.skipped) == 1 and "dog/2.png" in prepared.skipped[0]
+    with zipfile.ZipFile(out) as archive:
+        labels = dict(json.loads(archive.read("dataset.json"))["labels"])
+    assert len(labels) == 9 and "00000/img00000007.png" not in labels
+    source = build_dataset("folder", root=str(src), resolution=16, skip_bad=True)
+    again = build_dataset("folder", root=str(out), resolution=16)
+    kept = [i for i in range(10) if i != 7]
+    assert all(torch.equal(again[j][0], source[i][0]) and again[j][1] == source[i][1] for j, i in enumerate(kept))
+    assert not (tmp_path / "out.zip.parts").exists()
+
+
+def test_a_torchvision_dataset_is_prepared_with_its_class_names(tmp_path):
+    base = [(noise(20, 24, seed=i), i % 3) for i in range(7)]
+    dataset = TorchvisionImages(base, resolution=16, classes=["a", "b", "c"], name="fake", split="train")
+    job = {"source": "fake", "resolution": 16}
+    prepared = preparation.prepare(dataset, tmp_path / "t.zip", job=job, workers=0, skip_bad=False)
+    again = build_dataset("folder", root=str(tmp_path / "t.zip"), resolution=16)
+    assert prepared.images == 7 and again.classes == ["a", "b", "c"] and again.all_labels() == [i % 3 for i in range(7)]
+    assert all(torch.equal(again[i][0], dataset[i][0]) for i in range(7))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["src=demo", "out=x.tar", "resolution=32"], "must name a .zip file"),
+    (["src=nowhere", "out=x.zip", "resolution=32"], "'nowhere' is neither an existing folder or .zip nor a known dataset"),
+    (["src=demo", "out=x.zip", "resolution=2"], "resolution must be at least 4"),
+    (["src=demo", "out=x.zip", "resolution=32", "workers=-1"], "workers must be >= 0"),
+])  # fmt: skip
+def test_bad_arguments_are_one_line(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        run(*argv)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
+def test_sagan_prepare_command(tmp_path):
+    command = [f"{sys.prefix}/bin/sagan-prepare"]
+    shown = subprocess.run([*command, "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "sagan-prepare src=" in shown.stdout and "skip_bad" in shown.stdout
+    src = class_tree(tmp_path / "src", per_class=2)
+    done = subprocess.run([*command, f"src={src}", f"out={tmp_path / 'p.zip'}", "resolution=16"], capture_output=True, text=True)
+    assert done.returncode == 0 and "4 images written to" in done.stdout and "prepared images 4/4" in done.stderr
+    bad = subprocess.run([*command, f"src={src}", "out=p.tar", "resolution=16"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "must name a .zip file" in bad.stderr
