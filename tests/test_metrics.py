@@ -28,7 +28,8 @@ from sagan.evaluation.metrics import (
     kid_subset,
     report,
 )
-from sagan.evaluation.reference_stats import Reference, ReferenceStatsError, load_reference_file
+from sagan.evaluation.reference_files import load_reference_file
+from sagan.evaluation.reference_stats import Reference, ReferenceStatsError
 from sagan.training.loop import train
 
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")

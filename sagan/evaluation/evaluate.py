@@ -29,14 +29,8 @@ from sagan.evaluation.metrics import (
 )
 from sagan.evaluation.per_class import check_intra, class_table, intra_fid
 from sagan.evaluation.references import generated_resolution, reference_dataset, reference_source
-from sagan.evaluation.reference_stats import (
-    Reference,
-    check_save_path,
-    dataset_features,
-    dataset_reference,
-    default_cache_root,
-    save_reference_file,
-)
+from sagan.evaluation.reference_files import check_save_path, save_reference_file
+from sagan.evaluation.reference_stats import Reference, dataset_features, dataset_reference, default_cache_root
 
 
 def evaluate(args: Any, world: World = SINGLE, device: torch.device | None = None) -> dict[str, Any]:

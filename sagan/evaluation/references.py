@@ -11,7 +11,8 @@ from torch.utils.data import Dataset
 from sagan.data.datasets import named_dataset, training_dataset
 from sagan.data.folders import ImageFolder
 from sagan.evaluation.metrics import MetricsError
-from sagan.evaluation.reference_stats import Reference, load_reference_file
+from sagan.evaluation.reference_files import load_reference_file
+from sagan.evaluation.reference_stats import Reference
 
 
 def reference_source(
