@@ -13,7 +13,6 @@ decoding and encoding; an interrupted run, started again with the same arguments
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from sagan.cli import parse_args, run_cli
 from sagan.config import arg
 from sagan.data.datasets import named_dataset
 from sagan.data.preparation import Prepared, prepare
+from sagan.utils.processes import available_cpus
 
 
 @dataclass
@@ -46,9 +46,12 @@ def prepare_dataset(args: Any) -> Prepared:
         raise ValueError(f"out={args.out} must name a .zip file")
     if args.resolution < 4:
         raise ValueError(f"resolution must be at least 4 pixels, got {args.resolution}")
-    if Path(args.src).expanduser().resolve() == out.resolve():
+    src = Path(args.src).expanduser().resolve()
+    if src == out.resolve():
         raise ValueError(f"out={args.out} is the source itself: write the prepared zip elsewhere")
-    workers = len(os.sched_getaffinity(0)) if args.workers is None else args.workers
+    if src.is_dir() and out.resolve().is_relative_to(src):
+        raise ValueError(f"out={args.out} is inside the source folder {args.src}: write the prepared zip outside it")
+    workers = available_cpus() if args.workers is None else args.workers
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0: the main process alone), got {workers}")
     dataset = named_dataset(

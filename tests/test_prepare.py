@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -12,6 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from torch.utils.data import Dataset
 
 from conftest import compose_config
 from sagan.cli import parse_args
@@ -21,6 +23,7 @@ from sagan.data.dataset_base import DatasetError
 from sagan.data.datasets import build_dataset, training_dataset
 from sagan.data.torchvision_sets import TorchvisionImages
 from sagan.prepare import PrepareArgs, prepare_dataset
+from sagan.utils.directory_lock import lock_directory
 
 
 def noise(h: int, w: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -128,6 +131,69 @@ def test_an_interrupted_preparation_continues_and_bad_files_are_named(tmp_path, 
     kept = [i for i in range(10) if i != 7]
     assert all(torch.equal(again[j][0], source[i][0]) and again[j][1] == source[i][1] for j, i in enumerate(kept))
     assert not (tmp_path / "out.zip.parts").exists()
+
+
+class KilledAt(Dataset):
+    """A source whose run is killed when it reaches image `at` (None: not killed)."""
+
+    def __init__(self, dataset, at):
+        self.dataset, self.at, self.classes = dataset, at, dataset.classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if index == self.at:
+            raise KeyboardInterrupt
+        return self.dataset[index]
+
+    def where(self, index):
+        return self.dataset.where(index)
+
+
+def test_chunks_that_left_files_out_are_not_reused_without_skip_bad(tmp_path, monkeypatch):
+    monkeypatch.setattr(preparation, "CHUNK", 3)
+    src = class_tree(tmp_path / "src")
+    (src / "cat" / "1.jpg").write_bytes(b"not a jpeg")  # image 1: in chunk 0
+    source = build_dataset("folder", root=str(src), resolution=16)  # as sagan-prepare builds it: failures reach it
+    out, job = tmp_path / "out.zip", {"source": str(src), "resolution": 16}
+    with pytest.raises(KeyboardInterrupt):  # killed after chunk 0, written with image 1 left out
+        preparation.prepare(KilledAt(source, 4), out, job=job, workers=0, skip_bad=True)
+    with pytest.raises(DatasetError, match=r"skip_bad=true left 1 unreadable file\(s\) out .*cat/1.jpg.*finish with skip_bad=true"):
+        preparation.prepare(KilledAt(source, None), out, job=job, workers=0, skip_bad=False)
+    prepared = preparation.prepare(KilledAt(source, None), out, job=job, workers=0, skip_bad=True)
+    assert prepared.reused_chunks == 1 and prepared.images == 9 and "cat/1.jpg" in prepared.skipped[0]
+
+
+def test_a_second_preparation_of_the_same_zip_is_refused_while_the_first_runs(tmp_path):
+    src = class_tree(tmp_path / "src", per_class=2)
+    out = tmp_path / "out.zip"
+    holder = lock_directory(tmp_path / "out.zip.parts")  # the first run, working
+    try:
+        with pytest.raises(DatasetError, match=rf"{out} is being prepared by pid {os.getpid()} on .*wait for it"):
+            run(f"src={src}", f"out={out}", "resolution=16", "workers=0")
+    finally:
+        os.close(holder)
+    assert run(f"src={src}", f"out={out}", "resolution=16", "workers=0").images == 4  # free once it ended
+
+
+def test_the_zip_is_not_written_inside_its_source(tmp_path):
+    src = class_tree(tmp_path / "src", per_class=2)
+    with pytest.raises(ValueError, match="is inside the source folder"):
+        run(f"src={src}", f"out={src / 'cat' / 'p.zip'}", "resolution=16")
+    assert not (src / "cat" / "p.zip.parts").exists()
+
+
+def test_rewriting_dataset_json_changes_what_the_folder_is(tmp_path):
+    root = tmp_path / "ada"
+    (root / "00000").mkdir(parents=True)
+    noise(8, 8, 0).save(root / "00000" / "img00000000.png")
+    manifest = root / "dataset.json"
+    manifest.write_text(json.dumps({"labels": [["00000/img00000000.png", 0]]}))
+    before = build_dataset("folder", root=str(root), resolution=8).identity()
+    manifest.write_text(json.dumps({"labels": [["00000/img00000000.png", 1]]}))  # in place: the folder's time stays
+    os.utime(manifest, (manifest.stat().st_atime, manifest.stat().st_mtime + 10))  # as an edit a while later
+    assert build_dataset("folder", root=str(root), resolution=8).identity() != before
 
 
 def test_a_torchvision_dataset_is_prepared_with_its_class_names(tmp_path):

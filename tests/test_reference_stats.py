@@ -33,7 +33,7 @@ def tolerance(features: torch.Tensor) -> tuple[float, float]:
     at the sizes here (N <= 600: sqrt N < 25) 64 ulps bound it with margin. mu's terms are the features: 64 ulps of
     max |x|. sigma's error comes from the means (off by ulps of |x|) multiplied by the spread |x - mean| they centre,
     plus the scatter's own sum (ulps of spread^2, smaller): 64 ulps of max |x| times max |x - mean|. Summing raw
-    x x^T would lose ulps of |x|^2 instead: with features 1000 + noise, 1000 times more than this allows.
+    x x^T loses ulps of |x|^2 instead, more than this allows for features of 1000 + noise (checked below).
     """
     x = features.double()
     size, spread = x.abs().max().item(), (x - x.mean(0)).abs().max().item()
@@ -70,6 +70,11 @@ def test_moments_of_unequal_batches_equal_torch_fidelity_statistics_far_from_zer
     mu, sigma = moments_of(*features.split(sizes)).statistics()
     assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (D, D)
     assert_statistics_equal(mu, sigma, features)
+    # The tolerance tells centred sums from raw products: sigma from sum(x x^T) - n mu mu^T, in float64, misses it.
+    x = features.double()
+    raw = (x.T @ x - len(x) * torch.outer(x.mean(0), x.mean(0))) / (len(x) - 1)
+    expected = fid_features_to_statistics(x)["sigma"]
+    assert np.abs(raw.numpy() - expected).max() > tolerance(features)[1]
 
 
 def test_statistics_need_two_images():
@@ -203,6 +208,18 @@ def test_cache_without_features_is_computed_again_when_features_are_asked_for(tm
     assert third.cached and fourth.cached and sum(calls) == 20  # both read the file: no image went through again
     assert torch.equal(third.features, expected) and fourth.features is None
     assert np.array_equal(fourth.mu, second.mu) and np.array_equal(fourth.sigma, second.sigma)
+
+
+def test_an_unreadable_cache_file_is_computed_again_and_rewritten(tmp_path, caplog):
+    dataset = MirrorShapes(size=6, resolution=8, seed=0, labels=False)
+    path = tmp_path / f"{cache_key(dataset, 8, None, 0, None)}.npz"
+    path.write_bytes(b"cut short by a full disk")
+    calls: list[int] = []
+    reference = reference_of(dataset, fake_inception(calls), tmp_path, need_features=False)
+    assert not reference.cached and sum(calls) == 6 and "cannot be read" in caplog.text
+    assert_statistics_equal(reference.mu, reference.sigma, all_features(dataset, None, 0))
+    with np.load(path) as saved:  # rewritten whole
+        assert np.array_equal(saved["mu"], reference.mu)
 
 
 @needs_weights

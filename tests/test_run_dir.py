@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from sagan.training import run_lock
+from sagan.utils import directory_lock
 from sagan.utils.atomic_files import DiskFull, atomic_write, space_for
 from sagan.checkpoint import load_checkpoint
 from sagan.cli import one_line
@@ -74,7 +75,7 @@ def test_a_killed_holder_does_not_block_the_next_start(tmp_path):
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == step + 1
-    assert json.loads((run / run_lock.LOCK_FILE).read_text())["pid"] == resumed.pid  # the last holder, named
+    assert json.loads((run / directory_lock.LOCK_FILE).read_text())["pid"] == resumed.pid  # the last holder, named
 
 
 def test_the_lock_is_held_for_the_run_and_released_after_it(tiny_cfg, tmp_path, monkeypatch):
@@ -84,13 +85,13 @@ def test_the_lock_is_held_for_the_run_and_released_after_it(tiny_cfg, tmp_path, 
     def log_scalars(self, step, scalars):  # while training: another process cannot take the lock
         if not seen:
             probe = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"
-            seen.append(subprocess.run([sys.executable, "-c", probe, str(tmp_path / run_lock.LOCK_FILE)], capture_output=True).returncode)
+            seen.append(subprocess.run([sys.executable, "-c", probe, str(tmp_path / directory_lock.LOCK_FILE)], capture_output=True).returncode)
         original(self, step, scalars)
 
     monkeypatch.setattr(RunLogger, "log_scalars", log_scalars)
     train(tiny_cfg("train.steps=2"), tmp_path)
     assert seen == [1]
-    fd = os.open(tmp_path / run_lock.LOCK_FILE, os.O_RDWR)  # after it: free
+    fd = os.open(tmp_path / directory_lock.LOCK_FILE, os.O_RDWR)  # after it: free
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(fd)
 
@@ -99,7 +100,7 @@ def test_a_filesystem_without_locks_is_reported_not_ignored(tiny_cfg, tmp_path, 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    monkeypatch.setattr(directory_lock.fcntl, "flock", no_locks)
     with pytest.raises(run_lock.RunLocked, match=r"cannot lock run directory .*no file locks.*train.lock=false"):
         train(tiny_cfg("train.steps=1"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -14,13 +14,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sagan.data.dataset_base import DatasetError, reraise_worker_error
+from sagan.utils.processes import available_cpus
 
 
 def default_num_workers() -> int:
     """Data-loading workers per process when `data.num_workers` is unset: the CPUs this process may run on, shared
     among the training processes torchrun started on this machine, at most 8 (more rarely helps decode 32-256 px)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return min(8, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

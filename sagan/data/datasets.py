@@ -35,7 +35,6 @@ def named_dataset(
     data_root: str | None,
     download: bool,
     labels: bool,
-    skip_bad: bool = False,
     also: str = "",
 ) -> Dataset:
     """The images a command-line `src=` or `ref=` names, prepared at `resolution` as training images are: an existing
@@ -45,7 +44,7 @@ def named_dataset(
         return build_dataset("demo", root=None, resolution=resolution, labels=labels)
     path = Path(source).expanduser()
     if path.exists():
-        return build_dataset("folder", root=str(path), resolution=resolution, labels=labels, skip_bad=skip_bad)
+        return build_dataset("folder", root=str(path), resolution=resolution, labels=labels)
     name, _, split = source.partition("-")
     if name not in TORCHVISION_SPLITS:
         known = ", ".join(f"{n}-{s}" for n, splits in TORCHVISION_SPLITS.items() for s in splits)

@@ -136,6 +136,8 @@ class ImageFolder(Dataset):
             self.files, self.changed = _list_zip(path), path.stat().st_mtime
         else:
             self.files, self.changed = _list_directory(path)
+            if (path / MANIFEST).is_file():  # its labels, edited in place, change what the dataset is
+                self.changed = max(self.changed, (path / MANIFEST).stat().st_mtime)
         if not self.files:
             raise DatasetError(f"no images found under '{root}' (looked for {', '.join(IMAGE_EXTENSIONS)})")
 
@@ -201,8 +203,9 @@ class ImageFolder(Dataset):
         return summary(self, f"folder '{self.root}'")
 
     def identity(self) -> tuple:
-        """A zip's or folder's changes (files added, removed or renamed) give new statistics; a file rewritten in place
-        under the same name does not: clear the cache (metrics.cache_dir) after that."""
+        """A zip's or folder's changes (files added, removed or renamed, its dataset.json rewritten) give new
+        statistics; an image rewritten in place under the same name does not: clear the cache (metrics.cache_dir)
+        after that."""
         names = hashlib.sha1("\n".join(self.files).encode()).hexdigest()
         path = str(Path(self.root).expanduser().resolve())
         return ("folder", path, len(self.files), names, int(self.changed), self.skip_bad)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import time
 import zipfile
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from sagan.data.dataset_base import DatasetError, reraise_worker_error
 from sagan.data.folders import MANIFEST
 from sagan.utils.atomic_files import atomic_file, atomic_write, space_for
+from sagan.utils.directory_lock import DirectoryBusy, LocksUnsupported, describe, lock_directory
 from sagan.utils.progress import Progress
 
 log = logging.getLogger("sagan")
@@ -85,15 +87,38 @@ def prepare(dataset: Dataset, out: Path, *, job: dict, workers: int, skip_bad: b
     `job` identifies the source and settings: the parts of an interrupted run are reused only for the same job."""
     parts = out.with_name(out.name + ".parts")
     chunks = range((len(dataset) + CHUNK - 1) // CHUNK)
-    done = _start(parts, job)
-    todo = [c for c in chunks if c not in done]
-    if done:
-        log.info(f"continuing {out}: {len(done)} of {len(chunks)} chunks were done by an earlier run ({parts})")
-    _encode(dataset, parts, todo, workers=workers, skip_bad=skip_bad, start=sum(_chunk_size(c, len(dataset)) for c in done))
-    prepared = _merge(parts, [_chunk_path(parts, c) for c in chunks], out, classes=list(dataset.classes))
-    prepared.reused_chunks = len(done)
-    shutil.rmtree(parts)
+    lock = _lock(parts, out)
+    try:
+        done = _start(parts, job)
+        todo = [c for c in chunks if c not in done]
+        if done:
+            log.info(f"continuing {out}: {len(done)} of {len(chunks)} chunks were done by an earlier run ({parts})")
+        if not skip_bad:
+            _refuse_earlier_skips(parts, done)
+        start = sum(_chunk_size(c, len(dataset)) for c in done)
+        _encode(dataset, parts, todo, workers=workers, skip_bad=skip_bad, start=start)
+        prepared = _merge(parts, [_chunk_path(parts, c) for c in chunks], out, classes=list(dataset.classes))
+        prepared.reused_chunks = len(done)
+        shutil.rmtree(parts)
+    finally:
+        if lock is not None:
+            os.close(lock)
     return prepared
+
+
+def _lock(parts: Path, out: Path) -> int | None:
+    """Hold the lock of the parts folder for this run, so that two runs never write one job's chunks (None where the
+    filesystem has no file locks: said, and the run goes on)."""
+    try:
+        return lock_directory(parts)
+    except DirectoryBusy as e:
+        raise DatasetError(
+            f"{out} is being prepared by {describe(e.holder)} ({parts} is locked): wait for it to finish, or write "
+            "another out="
+        ) from None
+    except LocksUnsupported as e:
+        log.warning(f"cannot lock {parts} ({e.strerror}): nothing stops a second sagan-prepare writing {out} meanwhile")
+        return None
 
 
 def _chunk_path(parts: Path, chunk: int) -> Path:
@@ -128,6 +153,20 @@ def _whole(path: Path) -> bool:
             return archive.testzip() is None and CHUNK_MANIFEST in archive.namelist()
     except (OSError, zipfile.BadZipFile):
         return False
+
+
+def _refuse_earlier_skips(parts: Path, done: set[int]) -> None:
+    """Without skip_bad every image must be in the zip: chunks an earlier run wrote with skip_bad=true that left
+    files out are not reused silently."""
+    skipped = []
+    for chunk in sorted(done):
+        with zipfile.ZipFile(_chunk_path(parts, chunk)) as archive:
+            skipped += json.loads(archive.read(CHUNK_MANIFEST))["skipped"]
+    if skipped:
+        raise DatasetError(
+            f"an earlier run with skip_bad=true left {len(skipped)} unreadable file(s) out of {parts} (the first: "
+            f"{skipped[0]}): finish with skip_bad=true, or delete {parts} to start over"
+        )
 
 
 def _encode(dataset: Dataset, parts: Path, todo: list[int], *, workers: int, skip_bad: bool, start: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,11 +203,16 @@ def dataset_reference(
 
 
 def _cached_arrays(path: Path) -> list[str] | None:
-    """The names of the arrays in a cached file, None when there is none (an .npz reads only its directory here)."""
+    """The names of the arrays in a cached file, None when there is none or it cannot be read (it is then computed
+    again and rewritten; an .npz reads only its directory here)."""
     if not path.is_file():
         return None
-    with np.load(path) as saved:
-        return list(saved.files)
+    try:
+        with np.load(path) as saved:
+            return list(saved.files)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        log.warning(f"cached reference statistics {path} cannot be read ({error}): computing them again")
+        return None
 
 
 def _read_cache(path: Path, reference: Reference, need_features: bool) -> None:

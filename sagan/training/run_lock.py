@@ -1,20 +1,15 @@
-"""One writer per run directory: an advisory lock (`fcntl.flock` on `<run dir>/.lock`) that the training process holding
-it keeps for the life of its run. A second trainer on the same directory stops before any work, naming the holder.
-The kernel drops the lock when its holder exits, however it exits (kill -9 included), so a lock left by a killed
-process never blocks the next start. A filesystem without file locks (some NFS mounts) is reported, not ignored."""
+"""One writer per run directory: the training process (rank 0) holds the directory lock of sagan.utils.directory_lock
+on its run directory for the life of its run. A second trainer on the same directory stops before any work, naming
+the holder; a lock left by a killed process never blocks the next start; a filesystem without file locks (some NFS
+mounts) is reported, not ignored."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import os
-import socket
-import time
 from pathlib import Path
-from typing import Any
 
-LOCK_FILE = ".lock"
+from sagan.utils.directory_lock import DirectoryBusy, LocksUnsupported, describe, lock_directory
+
 _held: dict[Path, "RunLock"] = {}  # the locks this process holds, by run directory
 
 
@@ -38,38 +33,17 @@ def acquire(run_dir: Path) -> RunLock:
     run_dir = Path(run_dir).resolve()
     if run_dir in _held:
         return _held[run_dir]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise RunLocked(
-                f"run directory {run_dir} is in use by {describe(holder(path))}: two trainers must not write one run; "
-                "wait for it to end (or stop it), or train into another hydra.run.dir"
-            ) from None
+        fd = lock_directory(run_dir)
+    except DirectoryBusy as e:
         raise RunLocked(
-            f"cannot lock run directory {run_dir} ({os.strerror(e.errno)}): its filesystem has no file locks, so a "
+            f"run directory {run_dir} is in use by {describe(e.holder)}: two trainers must not write one run; "
+            "wait for it to end (or stop it), or train into another hydra.run.dir"
+        ) from None
+    except LocksUnsupported as e:
+        raise RunLocked(
+            f"cannot lock run directory {run_dir} ({e.strerror}): its filesystem has no file locks, so a "
             "second trainer on it would not be stopped; set train.lock=false to train without the lock"
         ) from None
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     _held[run_dir] = lock = RunLock(run_dir, fd)
     return lock
-
-
-def holder(path: Path) -> dict[str, Any]:
-    """Who wrote the lock file last (the holder, while it is locked)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def describe(record: dict[str, Any]) -> str:
-    if not record:
-        return "another process (its lock file names no holder)"
-    return f"pid {record.get('pid')} on {record.get('host')} (since {record.get('since')})"

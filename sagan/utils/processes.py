@@ -38,6 +38,11 @@ class World:
 SINGLE = World()  # one process
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system has one, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def world_from_env() -> World:
     """The place torchrun gave this process (one process when not started by torchrun)."""
     size = int(os.environ.get("WORLD_SIZE", 1))
