@@ -71,6 +71,22 @@ def find_latest(ckpt_dir: Path) -> Path | None:
     return max(steps, key=lambda p: int(_STEP_FILE.search(p.name).group(1))) if steps else None
 
 
+def load_weights_only(path: Path, *, holds: str, corrupt: str, fix: str, allowed: tuple = ()) -> Any:
+    """`torch.load` on the CPU with `weights_only=True` (and the extra types `allowed`): never runs code. A file that
+    would is refused, and a truncated or corrupt one reported, each in one line: "<holds> or has been tampered with",
+    "<corrupt> is truncated or corrupt (...): <fix>"."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch explains at length; the line naming what was refused is the one that matters.
+        detail = next((line for line in str(e).splitlines() if "unsupported" in line.lower()), "unsupported content")
+        raise CheckpointError(f"refused to load '{path}': {detail.strip()} {holds} or has been tampered with") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{corrupt} is truncated or corrupt ({reason}): {fix}") from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint on the CPU with `weights_only=True`: tensors and plain containers only, never code."""
     path = Path(path).expanduser()
@@ -78,18 +94,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint '{path}' does not exist: pass the path of a .pt file written by sagan-train")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one loses its central directory
         raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt (not a complete PyTorch archive): use an earlier checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch explains at length; the line naming what was refused is the one that matters.
-        detail = next((line for line in str(e).splitlines() if "unsupported" in line.lower()), "unsupported content")
-        raise CheckpointError(
-            f"refused to load '{path}': {detail.strip()} Sagan checkpoints hold only tensors and plain containers, "
-            "so this file is not one of ours or has been tampered with"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt ({reason}): use an earlier checkpoint") from None
+    state = load_weights_only(
+        path, holds="Sagan checkpoints hold only tensors and plain containers, so this file is not one of ours",
+        corrupt=f"checkpoint '{path}'", fix="use an earlier checkpoint",
+    )  # fmt: skip
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a sagan checkpoint (no '{FORMAT}' marker)")
     return state

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sagan.checkpoint import CheckpointError
+from sagan.checkpoint import CheckpointError, load_weights_only
 
 WHICH = ("best", "current")
 NETWORKS = ("G", "D", "G_ema")
@@ -61,18 +60,10 @@ def run_files(src: Path, which: str) -> tuple[dict[str, Path], int]:
 def read_file(path: Path) -> dict[str, Any]:
     """A StudioGAN checkpoint file loaded with `weights_only=True` (tensors, plain containers and numpy scalars):
     anything else is refused without running it."""
-    try:
-        with torch.serialization.safe_globals(_NUMPY_SCALARS):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = next((line for line in str(e).splitlines() if "unsupported" in line.lower()), "unsupported content")
-        raise CheckpointError(
-            f"refused to load '{path}': {detail.strip()} StudioGAN checkpoints hold tensors, plain containers and "
-            "numpy numbers, so this file is not one or has been tampered with"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"'{path}' is truncated or corrupt ({reason}): download it again") from None
+    payload = load_weights_only(
+        path, holds="StudioGAN checkpoints hold tensors, plain containers and numpy numbers, so this file is not one",
+        corrupt=f"'{path}'", fix="download it again", allowed=tuple(_NUMPY_SCALARS),
+    )  # fmt: skip
     state = payload.get("state_dict") if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"'{path}' has no 'state_dict' of tensors: it is not a StudioGAN model checkpoint")
