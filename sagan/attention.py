@@ -30,6 +30,7 @@ from sagan.utils.processes import resolve_device
 from sagan.data.images import to_float
 from sagan.evaluation.sampling import latents
 from sagan.visualization.figures import DEFAULT_QUERIES, generate, render_attention, to_pixels
+from sagan.utils.errors import UserError
 
 
 @dataclass
@@ -48,7 +49,7 @@ class AttentionArgs:
 def render_checkpoint(args: Any) -> list[Path]:
     """Write the figures (format=png) or the page (format=html) of a checkpoint; returns the files written."""
     if args.format not in ("png", "html"):
-        raise ValueError(f"unknown format '{args.format}': choose png or html")
+        raise UserError(f"unknown format '{args.format}': choose png or html")
     state = load_checkpoint(args.ckpt)
     device = resolve_device(args.device)
     G, D = networks_from_checkpoint(state, ema=args.ema, device=device)
@@ -71,7 +72,7 @@ def render_checkpoint(args: Any) -> list[Path]:
     if D is not None:
         figures |= render_attention(D, lambda: D(images, y), images, queries, "D")
     if not figures:
-        raise ValueError(
+        raise UserError(
             f"'{args.ckpt}' has no attention maps to draw: model.g_attn and model.d_attn are empty, or its "
             f"model.attn_type ('{state['model'].get('attn_type', 'sagan')}') has none (se, residual)"
         )

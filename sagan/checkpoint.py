@@ -16,12 +16,13 @@ from omegaconf import OmegaConf
 from sagan.utils.atomic_files import atomic_write
 from sagan.config import ModelConfig
 from sagan.models import Discriminator, Generator, build_models
+from sagan.utils.errors import UserError
 
 FORMAT = "sagan-checkpoint-v1"
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: missing, unsafe, corrupt or from another architecture."""
 
 
@@ -140,7 +141,7 @@ def load_network(path: str | Path, net: str = "G_ema") -> Generator | Discrimina
     """One network of a sagan checkpoint (trained or imported), in eval mode on the CPU: `G(z, y)` draws images in
     [-1, 1] from z of shape (B, G.z_dim) and labels in [0, G.num_classes) (None when G.num_classes is 0)."""
     if net not in NETWORKS:
-        raise ValueError(f"net='{net}' is not in a sagan checkpoint: choose one of {', '.join(NETWORKS)}")
+        raise UserError(f"net='{net}' is not in a sagan checkpoint: choose one of {', '.join(NETWORKS)}")
     state = load_checkpoint(path)
     G, D = networks_from_checkpoint(state, ema=net == "G_ema", device=torch.device("cpu"))
     if net != "D":

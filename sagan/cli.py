@@ -1,4 +1,6 @@
-"""What every entry point shares: one-line errors for bad input instead of tracebacks."""
+"""What every entry point shares: `key=value` arguments with `--help`, and errors that tell the user's mistake from a
+bug: a problem with the input, the files or the machine is one line naming it and the fix; anything else is a bug,
+shown with its traceback and a request to report it."""
 
 from __future__ import annotations
 
@@ -6,9 +8,11 @@ import dataclasses
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from omegaconf import MISSING, OmegaConf
@@ -16,9 +20,20 @@ from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
 from sagan.utils.errors import UserError
 
-# Errors that mean "your input is wrong" (or the run diverged), not "the program is wrong": shown as one line
-# (HYDRA_FULL_ERROR=1 shows the traceback).
-USER_ERRORS = (ValueError, OSError, HydraException, OmegaConfBaseException, UserError)
+# Errors that mean "the input, the files or the machine are not what they should be", not "the program is wrong",
+# shown as one line (HYDRA_FULL_ERROR=1 shows the traceback): what sagan raises on purpose (UserError: bad values, a
+# diverged run, a locked run directory, a full disk, ...), a command line or config that Hydra or OmegaConf cannot
+# parse or merge, and what the operating system refused (OSError: a missing file, permissions, no network), which
+# names its path. Anything else, a library's ValueError included, is a bug.
+USER_ERRORS = (UserError, HydraException, OmegaConfBaseException, OSError)
+OUT_OF_MEMORY = (
+    "use a smaller batch: train.batch_size (or the same batch in train.grad_accum micro-batches), metrics.batch_size "
+    "for FID, batch= for sagan-sample"
+)
+BUG = (
+    "the error above is a bug in sagan or in a library it calls, not a problem with your input: please report it "
+    "with this traceback, the command you ran and the output of `pip list`"
+)
 
 
 def one_line(error: BaseException) -> str:
@@ -73,7 +88,8 @@ def check_composes(overrides: Sequence[str], config_name: str = "config") -> Non
 
 
 def run_cli(fn: Callable[[], object], *, check_overrides: Sequence[str] | None = None, log_to_stderr: bool = False) -> None:
-    """Run an entry point; a user error prints `error: <one line>` to stderr and exits with status 1.
+    """Run an entry point. An error about the input, the files or the machine prints `error: <one line>` to stderr;
+    any other (a bug) prints its traceback and a request to report it; both exit with status 1.
 
     `log_to_stderr`: show the log (progress of long computations) on stderr, for commands Hydra does not configure.
     """
@@ -87,8 +103,22 @@ def run_cli(fn: Callable[[], object], *, check_overrides: Sequence[str] | None =
         if check_overrides is not None and not any(a.startswith("-") for a in check_overrides):
             check_composes([a for a in check_overrides if not a.split("=")[0].lstrip("+~").startswith("hydra")])
         fn()
-    except USER_ERRORS as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            traceback.print_exc()
+            print(f"error: {BUG}", file=sys.stderr)
+        elif os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        else:
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
+
+
+def user_message(error: Exception) -> str | None:
+    """The one line shown for an error about the input, the files or the machine; None for a bug."""
+    if isinstance(error, torch.OutOfMemoryError):  # a RuntimeError, but the batch is the user's to change
+        return f"out of GPU memory ({str(error).splitlines()[0]}): {OUT_OF_MEMORY}"
+    if isinstance(error, USER_ERRORS):
+        return one_line(error)
+    return None

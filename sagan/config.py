@@ -13,19 +13,20 @@ from hydra.core.config_store import ConfigStore
 from sagan.models.attention_types import check_attention
 from sagan.models.discriminator import D_SHORTCUTS
 from sagan.models.layers import COND_BN_FORMS, SN_UPDATES
+from sagan.utils.errors import UserError
 
 
 # Choices of settings that the config checks here and the modules that use them check again: one constant each.
 EMA_BN = ("standing", "copy")  # optim.ema_bn: where G_ema's BatchNorm statistics come from (sagan.training.ema)
 AUGMENTS = ("none", "diffaugment")  # data.augment
 AUGMENT_POLICIES = ("color", "translation", "cutout")  # data.augment_policy: DiffAugment's operations
-PRECISIONS = ("fp32", "bf16")  # perf.precision, besides auto (sagan.training.step)
+PRECISIONS = ("fp32", "bf16", "fp16")  # perf.precision, besides auto (sagan.training.step)
 
 
 def check_policy(policy: Any) -> None:
     unknown = [p for p in policy if p not in AUGMENT_POLICIES]
     if unknown or not policy:
-        raise ValueError(
+        raise UserError(
             f"data.augment_policy {list(policy)} is not a non-empty list of {', '.join(AUGMENT_POLICIES)}: "
             "e.g. data.augment_policy=[color,translation,cutout]"
         )
@@ -144,8 +145,10 @@ class EvalConfig:
 @dataclass
 class PerfConfig:
     # null = auto: what is fast and safe on the device in use.
-    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32 | fp32 | bf16
-    channels_last: Optional[bool] = None  # NHWC activations; auto: with bf16
+    # auto: bf16 on GPUs with native bf16 (Ampere and newer) and on CPUs with it (AVX512-BF16, AMX); fp16 with loss
+    # scaling on older GPUs (V100, T4); else fp32 | fp32 | bf16 | fp16
+    precision: str = "auto"
+    channels_last: Optional[bool] = None  # NHWC activations; auto: with bf16 or fp16
     fused_adam: Optional[bool] = None  # one fused optimizer kernel; auto: on CUDA
     compile: bool = False  # torch.compile of G and D (minutes of compilation first)
     tf32: bool = True  # CUDA: TF32 matmuls/convs where fp32 remains
@@ -236,10 +239,10 @@ def check_config(cfg: Any, world_size: int = 1) -> None:
     ]
     for ok, message in rules:
         if not ok:
-            raise ValueError(message)
+            raise UserError(message)
     check_attention(cfg.model.attn_type, cfg.model.attn_heads)
     if cfg.data.augment not in AUGMENTS:
-        raise ValueError(f"unknown data.augment '{cfg.data.augment}': choose one of {', '.join(AUGMENTS)}")
+        raise UserError(f"unknown data.augment '{cfg.data.augment}': choose one of {', '.join(AUGMENTS)}")
     check_policy(cfg.data.augment_policy)
     if not 0 < cfg.data.fraction <= 1:
-        raise ValueError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")
+        raise UserError(f"data.fraction must be in (0, 1], got {cfg.data.fraction}")

@@ -23,6 +23,7 @@ from sagan.cli import parse_args, run_cli
 from sagan.config import arg
 from sagan.serving.folded import folded_generator
 from sagan.serving.onnx_export import export_onnx, onnx_difference
+from sagan.utils.errors import UserError
 
 FORMATS = ("onnx",)
 
@@ -41,9 +42,9 @@ class ExportArgs:
 def export(args: Any) -> tuple[Path, float]:
     """Write the file, check it; returns its path and the largest |onnxruntime - PyTorch| of the check."""
     if args.format not in FORMATS:
-        raise ValueError(f"unknown format '{args.format}': choose one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown format '{args.format}': choose one of {', '.join(FORMATS)}")
     if args.check_n < 1:
-        raise ValueError(f"check_n must be >= 1, got {args.check_n}")
+        raise UserError(f"check_n must be >= 1, got {args.check_n}")
     state = load_checkpoint(args.ckpt)
     out = Path(args.out) if args.out else run_dir_of(args.ckpt) / f"{'G_ema' if args.ema else 'G'}.onnx"
     export_onnx(folded_generator(state, ema=args.ema), out, max_batch=args.max_batch)

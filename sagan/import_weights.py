@@ -26,6 +26,7 @@ from sagan.cli import parse_args, run_cli
 from sagan.config import arg
 from sagan.pretrained.studiogan import convert_run, model_overrides
 from sagan.pretrained.studiogan_files import run_files
+from sagan.utils.errors import UserError
 
 
 @dataclass
@@ -39,7 +40,7 @@ def import_run(args: Any) -> Path:
     """Convert, check and write; returns the checkpoint's path. Nothing is written unless everything converted."""
     out = Path(args.out).expanduser()
     if out.suffix != ".pt":
-        raise ValueError(f"out={args.out} must name a .pt file")
+        raise UserError(f"out={args.out} must name a .pt file")
     files, step = run_files(Path(args.src).expanduser(), args.which)
     imported = convert_run(files)
     overrides = model_overrides(imported.model)

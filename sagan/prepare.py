@@ -25,6 +25,7 @@ from sagan.config import arg
 from sagan.data.datasets import named_dataset
 from sagan.data.preparation import Prepared, prepare
 from sagan.utils.processes import available_cpus
+from sagan.utils.errors import UserError
 
 
 @dataclass
@@ -43,17 +44,17 @@ def prepare_dataset(args: Any) -> Prepared:
     """Check the arguments, build the source at the training resolution, write the zip; returns what was done."""
     out = Path(args.out).expanduser()
     if out.suffix != ".zip":
-        raise ValueError(f"out={args.out} must name a .zip file")
+        raise UserError(f"out={args.out} must name a .zip file")
     if args.resolution < 4:
-        raise ValueError(f"resolution must be at least 4 pixels, got {args.resolution}")
+        raise UserError(f"resolution must be at least 4 pixels, got {args.resolution}")
     src = Path(args.src).expanduser().resolve()
     if src == out.resolve():
-        raise ValueError(f"out={args.out} is the source itself: write the prepared zip elsewhere")
+        raise UserError(f"out={args.out} is the source itself: write the prepared zip elsewhere")
     if src.is_dir() and out.resolve().is_relative_to(src):
-        raise ValueError(f"out={args.out} is inside the source folder {args.src}: write the prepared zip outside it")
+        raise UserError(f"out={args.out} is inside the source folder {args.src}: write the prepared zip outside it")
     workers = available_cpus() if args.workers is None else args.workers
     if workers < 0:
-        raise ValueError(f"workers must be >= 0 (0: the main process alone), got {workers}")
+        raise UserError(f"workers must be >= 0 (0: the main process alone), got {workers}")
     dataset = named_dataset(
         args.src, resolution=args.resolution, data_root=args.data_root, download=args.download, labels=args.labels
     )

@@ -31,6 +31,7 @@ from sagan.utils.processes import resolve_device
 from sagan.data.images import to_float
 from sagan.evaluation.sampling import draw, interpolations
 from sagan.visualization.figures import save_grid, save_interpolations
+from sagan.utils.errors import UserError
 
 FORMATS = ("png", "grid", "npz", "interp")
 
@@ -53,9 +54,9 @@ class SampleArgs:
 
 def sample(args: Any) -> Path:
     if args.format not in FORMATS:
-        raise ValueError(f"unknown format '{args.format}': choose one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown format '{args.format}': choose one of {', '.join(FORMATS)}")
     if args.n < 1:
-        raise ValueError(f"n must be >= 1, got {args.n}")
+        raise UserError(f"n must be >= 1, got {args.n}")
     state = load_checkpoint(args.ckpt)
     G, _ = networks_from_checkpoint(state, ema=args.ema, device=resolve_device(args.device))
     out = Path(args.out).expanduser()

@@ -88,7 +88,7 @@ def measure_step(spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     with initialize_config_module(config_module="sagan.conf", version_base="1.3"):
-        model = compose(config_name="config", overrides=[f"model={spec['preset']}"]).model
+        model = compose(config_name="config", overrides=[f"model={spec['preset']}", *spec.get("overrides", [])]).model
     G, D = build_models(model, 0)
     stats = model_stats(G, D)
     if spec["variant"] == "plain":
@@ -132,10 +132,13 @@ def measure_attention(spec: dict) -> dict:
     return {**spec, "ms": seconds * 1e3, "peak_mib": peak_bytes(device, baseline) / 2**20}
 
 
-def run_one(spec: dict) -> dict:
-    """Measure one spec in a fresh Python process."""
+def run_one(spec: dict, timeout: float | None = None) -> dict:
+    """Measure one spec in a fresh Python process (given up after `timeout` seconds)."""
     cmd = [sys.executable, __file__, "--one", json.dumps(spec)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout:.0f} s"}
     if out.returncode != 0:
         return {**spec, "error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -145,6 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default="sagan32")
+    parser.add_argument("--override", nargs="*", default=[], help="model overrides, e.g. model.g_ch=8 (default none)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 50 on GPU)")
     parser.add_argument("--compile", action="store_true", help="also measure perf.compile=true")
@@ -152,6 +156,8 @@ def main() -> None:
     parser.add_argument("--attn-batch", type=int, default=None, help="attention batch (default: 8 on CPU, 32 on GPU)")
     parser.add_argument("--attn-channels", type=int, default=64)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for utilisation")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 10 on GPU)")
+    parser.add_argument("--spec-timeout", type=float, default=None, help="give up a measurement after this many seconds")
     parser.add_argument("--json", default=None, help="also write the JSON here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,14 +179,14 @@ def main() -> None:
     variants = ["plain", "default"] + (["compile"] if args.compile else [])
     for variant in variants:
         spec = {"kind": "step", "variant": variant, "device": args.device, "preset": args.preset, "batch": args.batch,
-                "steps": steps, "warmup": 10 if gpu else 2}  # fmt: skip
-        results["step"].append(run_one(spec))
+                "overrides": args.override, "steps": steps, "warmup": args.warmup or (10 if gpu else 2)}  # fmt: skip
+        results["step"].append(run_one(spec, args.spec_timeout))
     for size in args.attn_sizes or ([32, 64, 128] if gpu else [32, 64]):
         for variant in ("explicit", "ours"):
             spec = {"kind": "attention", "variant": variant, "device": args.device, "size": size,
                     "batch": args.attn_batch or (32 if gpu else 8), "channels": args.attn_channels,
                     "repeats": 20 if gpu or size <= 32 else 3}  # fmt: skip
-            results["attention"].append(run_one(spec))
+            results["attention"].append(run_one(spec, args.spec_timeout))
     report(results, args.peak_tflops)
     text = json.dumps(results, indent=2)
     print(text)

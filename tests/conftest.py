@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -29,3 +30,17 @@ def compose_config(*overrides: str) -> DictConfig:
 def tiny_cfg() -> Callable[..., DictConfig]:
     """Compose the tiny config plus extra overrides."""
     return lambda *overrides: compose_config(*TINY, *overrides)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """The checkpoints (last.pt) of two tiny demo runs trained once per session, 2 steps each, for every test that
+    only reads one: "cond" (class-conditional) and "uncond". Tests write their outputs elsewhere."""
+    from sagan.training.loop import train
+
+    runs = {}
+    for name, extra in (("cond", ["model.conditional=true"]), ("uncond", [])):
+        run = tmp_path_factory.mktemp(f"trained_{name}") / "run"
+        train(compose_config(*TINY, "train.steps=2", "train.ckpt_every=2", *extra), run)
+        runs[name] = run / "checkpoints" / "last.pt"
+    return runs

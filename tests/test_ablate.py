@@ -19,6 +19,7 @@ from sagan.ablation.studies import variants
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint
 from sagan.data.demo import mirror_consistency
 from sagan.evaluation.sampling import draw
+from sagan.utils.errors import UserError
 
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
 needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs SAGAN_FID_WEIGHTS (offline FID Inception weights)")
@@ -28,9 +29,9 @@ CONF = Path(__file__).resolve().parent.parent / "conf" / "ablation"
 def test_position_study_places_attention_where_g_and_d_both_have_the_size():
     assert variants("position", "demo") == ["none", "feat8", "feat16"]
     assert variants("position", "imagenet128") == ["none", "feat8", "feat16", "feat32", "feat64"]
-    with pytest.raises(ValueError, match="unknown study 'positions'"):
+    with pytest.raises(UserError, match="unknown study 'positions'"):
         variants("positions", "demo")
-    with pytest.raises(ValueError, match="unknown scale 'cifar'"):
+    with pytest.raises(UserError, match="unknown scale 'cifar'"):
         variants("position", "cifar")
 
 
@@ -163,7 +164,7 @@ def test_unknown_variants_are_refused_before_any_work(tmp_path):
     from sagan.cli import parse_args
 
     args = parse_args(AblateArgs, ["study=sn_g", "variants=[sn,nope]", f"out={tmp_path / 'study'}"])
-    with pytest.raises(ValueError, match=r"sn_g at scale demo has no variant \['nope'\]: choose among \['sn', 'no_sn'\]"):
+    with pytest.raises(UserError, match=r"sn_g at scale demo has no variant \['nope'\]: choose among \['sn', 'no_sn'\]"):
         ablate(args, [])
     assert not (tmp_path / "study").exists()
 

@@ -13,6 +13,7 @@ from sagan.config import ModelConfig
 from sagan.models import AttentionLayer, SelfAttention2d, attention_gammas, build_models
 from sagan.models.attention_types import ATTN_TYPES, build_attention
 from sagan.visualization.figures import capture_attention_inputs, render_attention
+from sagan.utils.errors import UserError
 
 HEADS = {"multihead": 2}
 MAPS = {"sagan": 1, "multihead": 2, "simple": 1, "local": 1, "cbam": 1, "se": 0, "residual": 0}
@@ -142,13 +143,13 @@ def test_parameter_counts_are_comparable():
 
 
 def test_bad_settings_fail_clearly():
-    with pytest.raises(ValueError, match="unknown model.attn_type 'nonlocal'"):
+    with pytest.raises(UserError, match="unknown model.attn_type 'nonlocal'"):
         build_attention("nonlocal", 32, pool=2, heads=1, window=3, sn=False)
-    with pytest.raises(ValueError, match="needs model.attn_type=multihead"):
+    with pytest.raises(UserError, match="needs model.attn_type=multihead"):
         build_attention("sagan", 32, pool=2, heads=2, window=3, sn=False)
-    with pytest.raises(ValueError, match="3 heads do not split"):
+    with pytest.raises(UserError, match="3 heads do not split"):
         build_attention("multihead", 32, pool=2, heads=3, window=3, sn=False)
-    with pytest.raises(ValueError, match="odd number"):
+    with pytest.raises(UserError, match="odd number"):
         build_attention("local", 32, pool=2, heads=1, window=4, sn=False)
 
 

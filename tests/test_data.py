@@ -18,6 +18,7 @@ from sagan.data.dataset_base import DatasetError
 from sagan.data.datasets import ClassImages, build_dataset, with_fraction
 from sagan.data.torchvision_sets import TorchvisionImages
 from sagan.data.demo import MirrorShapes, mirror_consistency
+from sagan.utils.errors import UserError
 
 R = 16
 
@@ -413,7 +414,7 @@ def test_stream_rejects_too_small_datasets_and_bad_states() -> None:
     with pytest.raises(DatasetError, match="fewer than one global batch of 8"):
         BatchStream(Numbered(7), batch_size=4, seed=0, world_size=2)
     stream = BatchStream(Numbered(8), batch_size=4, seed=0)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(UserError, match="out of range"):
         stream.load_state_dict({"epoch": 0, "batch": 2})
 
 

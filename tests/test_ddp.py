@@ -23,6 +23,7 @@ from sagan.evaluation.sampling import draw
 from sagan.models import build_models
 from sagan.training.sync_batchnorm import SyncBatchNorm2d, use_sync_batchnorm
 from sagan.training.loop import train
+from sagan.utils.errors import UserError
 
 TESTS = Path(__file__).parent
 # Small and short: 4 steps of the tiny model, checkpoints at 2 and 4, in fp32 (bf16 rounding would hide the comparison).
@@ -208,9 +209,9 @@ def test_parts_of_ranks_add_up_to_the_samples_of_one_process():
 
 
 def test_global_batch_must_split_over_processes_and_micro_batches():
-    with pytest.raises(ValueError, match=r"train.batch_size=8 does not split into 3 processes x 1 micro-batches.*multiple of 3"):
+    with pytest.raises(UserError, match=r"train.batch_size=8 does not split into 3 processes x 1 micro-batches.*multiple of 3"):
         check_config(compose_config(*TINY), world_size=3)
-    with pytest.raises(ValueError, match=r"into 2 processes x 3 micro-batches.*multiple of 6"):
+    with pytest.raises(UserError, match=r"into 2 processes x 3 micro-batches.*multiple of 6"):
         check_config(compose_config(*TINY, "train.grad_accum=3"), world_size=2)
     check_config(compose_config(*TINY, "train.grad_accum=2"), world_size=2)  # 8 = 2 x 2 x 2
 

@@ -10,6 +10,7 @@ from sagan.training.diffaugment import DiffAugment, brightness, contrast, cutout
 from sagan.models import Discriminator, Generator
 from sagan.training.step import Trainer
 from sagan.training.loop import train
+from sagan.utils.errors import UserError
 
 
 def constant(value: float):
@@ -154,7 +155,7 @@ def test_data_fraction_is_one_fixed_subset_with_labels():
     assert torch.equal(image, whole[tenth.indices[3]][0]) and label == whole[tenth.indices[3]][1]
     assert tenth.num_classes == whole.num_classes > 0
     assert "a seeded 0.1 of it: 20 of 200 images" in tenth.describe("demo")
-    with pytest.raises(ValueError, match=r"data.fraction must be in \(0, 1\]"):
+    with pytest.raises(UserError, match=r"data.fraction must be in \(0, 1\]"):
         DataFraction(whole, 0)
 
 
@@ -173,7 +174,7 @@ def test_training_on_a_fraction_logs_it(tiny_cfg, tmp_path, caplog):
     ],
 )
 def test_bad_augment_settings_fail_clearly(tiny_cfg, tmp_path, override, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         train(tiny_cfg("train.steps=1", override), tmp_path)
 
 

@@ -16,6 +16,7 @@ from sagan.models import Discriminator, Generator
 from sagan.training.loop import train
 from sagan.training.monitoring import warn_dead_attention
 from sagan.visualization.figures import DEFAULT_QUERIES, colormap, overlay, render_attention, to_pixels
+from sagan.utils.errors import UserError
 
 
 def test_offline_run_logs_images_and_gamma_history(tiny_cfg, tmp_path):
@@ -57,7 +58,7 @@ def test_disabled_logger_writes_only_files(tiny_cfg, tmp_path):
 
 
 def test_unknown_logger_mode(tiny_cfg, tmp_path):
-    with pytest.raises(ValueError, match="unknown logger.mode 'onlne'"):
+    with pytest.raises(UserError, match="unknown logger.mode 'onlne'"):
         train(tiny_cfg("logger.mode=onlne"), tmp_path)
 
 
@@ -96,7 +97,7 @@ def test_query_points_in_fractions_or_pixels():
     # From a config, pixel 1 arrives as the float 1.0: still pixel 1, not the fraction 1.
     cfg = OmegaConf.structured(LoggerConfig(attn_queries=[[1, 5], [0.5, 0.5]]))
     assert to_pixels(cfg.attn_queries, 32) == [(1, 5), (16, 16)]
-    with pytest.raises(ValueError, match="outside the 32x32 image"):
+    with pytest.raises(UserError, match="outside the 32x32 image"):
         to_pixels([(40, 2)], 32)
 
 
@@ -131,5 +132,5 @@ def test_sagan_attention_fails_clearly(tmp_path, content, message):
 
 def test_sagan_attention_rejects_foreign_checkpoint(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pt")
-    with pytest.raises(ValueError, match="not a sagan checkpoint"):
+    with pytest.raises(UserError, match="not a sagan checkpoint"):
         render_checkpoint(parse_args(AttentionArgs, [f"ckpt={tmp_path / 'foreign.pt'}"]))

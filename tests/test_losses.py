@@ -1,6 +1,7 @@
 import torch
 
 from sagan.training.losses import get_losses
+from sagan.utils.errors import UserError
 
 REAL = torch.tensor([2.0, 0.5, -1.0])
 FAKE = torch.tensor([-2.0, 0.0, 1.5])
@@ -30,5 +31,5 @@ def test_wasserstein_by_hand():
 def test_unknown_loss():
     import pytest
 
-    with pytest.raises(ValueError, match="unknown loss 'lsgan'"):
+    with pytest.raises(UserError, match="unknown loss 'lsgan'"):
         get_losses("lsgan")

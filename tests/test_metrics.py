@@ -31,6 +31,7 @@ from sagan.evaluation.metrics import (
 from sagan.evaluation.reference_files import load_reference_file
 from sagan.evaluation.reference_stats import Reference, ReferenceStatsError
 from sagan.training.loop import train
+from sagan.utils.errors import UserError
 
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
 needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs SAGAN_FID_WEIGHTS (offline FID Inception weights)")
@@ -146,14 +147,14 @@ def test_cli_errors_are_clear(tmp_path):
         evaluate(fid_args(f"ref={tmp_path / 'gen'}"))
     with pytest.raises(MetricsError, match="not both"):
         evaluate(fid_args(f"ckpt={tmp_path / 'x.pt'}", f"gen={tmp_path / 'gen'}", f"ref={tmp_path / 'gen'}"))
-    with pytest.raises(ValueError, match="no images found"):
+    with pytest.raises(UserError, match="no images found"):
         evaluate(fid_args(f"gen={tmp_path / 'empty'}", f"ref={tmp_path / 'gen'}", "isc=false"))
     with pytest.raises(DatasetError, match="neither an existing folder or .zip nor a known dataset .*, demo, .npz statistics, train"):
         evaluate(fid_args(f"gen={tmp_path / 'gen'}", "ref=imagenet-train", "isc=false"))
     with pytest.raises(MetricsError, match="ref=train means the data a checkpoint trained on"):
         evaluate(fid_args(f"gen={tmp_path / 'gen'}", "ref=train", "isc=false"))
     (tmp_path / "bad.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(UserError, match="truncated or corrupt"):
         evaluate(fid_args(f"ckpt={tmp_path / 'bad.pt'}", f"ref={tmp_path / 'gen'}", "isc=false"))
 
 

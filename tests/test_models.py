@@ -7,6 +7,7 @@ from torch.nn.utils import parametrize
 
 from sagan.models import Discriminator, Generator, SelfAttention2d, attention_gammas, attention_shares, spectral_sigmas
 from sagan.models.layers import init_weights
+from sagan.utils.errors import UserError
 
 # The attention placements of the presets (conf/model/*.yaml), at tiny widths.
 ATTN = {32: (16,), 64: (32,), 128: (32,), 256: (64,)}
@@ -44,31 +45,31 @@ def test_output_shapes(resolution, num_classes):
 def test_bad_inputs_fail_clearly():
     G, D = tiny(32, num_classes=5)
     z, y = torch.randn(2, 16), torch.tensor([0, 1])
-    with pytest.raises(ValueError, match=r"z of shape \(B, 16\)"):
+    with pytest.raises(UserError, match=r"z of shape \(B, 16\)"):
         G(torch.randn(2, 17), y)
-    with pytest.raises(ValueError, match="class-conditional"):
+    with pytest.raises(UserError, match="class-conditional"):
         G(z)
-    with pytest.raises(ValueError, match=r"in \[0, 5\)"):
+    with pytest.raises(UserError, match=r"in \[0, 5\)"):
         G(z, torch.tensor([0, 5]))
-    with pytest.raises(ValueError, match="D takes class indices"):
+    with pytest.raises(UserError, match="D takes class indices"):
         D(torch.zeros(2, 3, 32, 32), torch.tensor([0.0, 1.0]))
-    with pytest.raises(ValueError, match=r"class weights must have shape \(2, 5\)"):
+    with pytest.raises(UserError, match=r"class weights must have shape \(2, 5\)"):
         G(z, torch.ones(2, 4) / 4)
-    with pytest.raises(ValueError, match=r"images of shape \(B, 3, 32, 32\)"):
+    with pytest.raises(UserError, match=r"images of shape \(B, 3, 32, 32\)"):
         D(torch.zeros(2, 3, 64, 64), y)
     G0, _ = tiny(32)
-    with pytest.raises(ValueError, match="unconditional"):
+    with pytest.raises(UserError, match="unconditional"):
         G0(z, y)
 
 
 def test_bad_architecture_fails_clearly():
-    with pytest.raises(ValueError, match=r"no feature map of size \[64\].*\[8, 16, 32\]"):
+    with pytest.raises(UserError, match=r"no feature map of size \[64\].*\[8, 16, 32\]"):
         Generator(ch=8, resolution=32, attn_resolutions=(64,))
-    with pytest.raises(ValueError, match=r"no feature map of size \[32\].*\[8, 16\]"):
+    with pytest.raises(UserError, match=r"no feature map of size \[32\].*\[8, 16\]"):
         Discriminator(ch=8, resolution=32, attn_resolutions=(32,))
-    with pytest.raises(ValueError, match="unsupported generator resolution 48"):
+    with pytest.raises(UserError, match="unsupported generator resolution 48"):
         Generator(resolution=48)
-    with pytest.raises(ValueError, match="divisible by 8"):
+    with pytest.raises(UserError, match="divisible by 8"):
         SelfAttention2d(12)
 
 
@@ -160,7 +161,7 @@ def test_attention_maps_are_softmax_rows_that_match_forward(pool):
     # Selected queries are the matching rows of the full set.
     some = block.attention_maps(x, queries=[(0, 0), (3, 5), (7, 7)])
     torch.testing.assert_close(some, maps[:, [0, 3 * 8 + 5, 63]])
-    with pytest.raises(ValueError, match="query positions"):
+    with pytest.raises(UserError, match="query positions"):
         block.attention_maps(x, queries=[(8, 0)])
 
 
@@ -219,7 +220,7 @@ def test_init_schemes():
     init_weights(conv, "orthogonal")
     w = conv.weight.flatten(1)
     torch.testing.assert_close(w @ w.T, torch.eye(64), atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="unknown init scheme 'he'"):
+    with pytest.raises(UserError, match="unknown init scheme 'he'"):
         init_weights(conv, "he")
 
 

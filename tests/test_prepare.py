@@ -24,6 +24,7 @@ from sagan.data.datasets import build_dataset, training_dataset
 from sagan.data.torchvision_sets import TorchvisionImages
 from sagan.prepare import PrepareArgs, prepare_dataset
 from sagan.utils.directory_lock import lock_directory
+from sagan.utils.errors import UserError
 
 
 def noise(h: int, w: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -179,7 +180,7 @@ def test_a_second_preparation_of_the_same_zip_is_refused_while_the_first_runs(tm
 
 def test_the_zip_is_not_written_inside_its_source(tmp_path):
     src = class_tree(tmp_path / "src", per_class=2)
-    with pytest.raises(ValueError, match="is inside the source folder"):
+    with pytest.raises(UserError, match="is inside the source folder"):
         run(f"src={src}", f"out={src / 'cat' / 'p.zip'}", "resolution=16")
     assert not (src / "cat" / "p.zip.parts").exists()
 
@@ -214,7 +215,7 @@ def test_a_torchvision_dataset_is_prepared_with_its_class_names(tmp_path):
 ])  # fmt: skip
 def test_bad_arguments_are_one_line(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         run(*argv)
     assert not list(tmp_path.iterdir())  # nothing written
 

@@ -19,6 +19,7 @@ from sagan.evaluation.inception import Inception
 from sagan.evaluation.moments import FeatureMoments
 from sagan.evaluation.reference_stats import cache_key, dataset_reference
 from sagan.utils.processes import SINGLE, rank_part
+from sagan.utils.errors import UserError
 
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
 needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs SAGAN_FID_WEIGHTS (offline FID Inception weights)")
@@ -78,7 +79,7 @@ def test_moments_of_unequal_batches_equal_torch_fidelity_statistics_far_from_zer
 
 
 def test_statistics_need_two_images():
-    with pytest.raises(ValueError, match="at least 2 images, got 1"):
+    with pytest.raises(UserError, match="at least 2 images, got 1"):
         moments_of(offset_features(1, seed=1)).statistics()
     moments = moments_of(offset_features(5, seed=1), torch.empty(0, D))  # an empty batch changes nothing
     assert moments.count == 5

@@ -11,6 +11,7 @@ from sagan.data.images import to_uint8
 from sagan.evaluation.sampling import draw, interpolations, latents, slerp
 from sagan.models import Generator
 from sagan.sample import SampleArgs, sample
+from sagan.utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_class_choices_and_truncation():
     G = Generator(z_dim=16, ch=4, resolution=32, attn_resolutions=(), num_classes=3).eval()
     assert draw(G, 5, seed=0, choice="2", truncation=None, batch=8)[1].tolist() == [2] * 5
     assert draw(G, 5, seed=0, choice="all", truncation=None, batch=8)[1].tolist() == [0, 1, 2, 0, 1]
-    with pytest.raises(ValueError, match=r"an index in \[0, 3\)"):
+    with pytest.raises(UserError, match=r"an index in \[0, 3\)"):
         draw(G, 5, seed=0, choice="3", truncation=None, batch=8)
     # Truncation bounds every latent: spy on the z the generator receives.
     seen = []
@@ -66,7 +67,7 @@ def test_formats(conditional_ckpt, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "png1" / "000003.png")), data["images"][3])
     grid = sample(args(f"ckpt={conditional_ckpt}", "n=4", f"out={tmp_path / 'grid'}", "format=grid"))
     assert Image.open(grid).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
-    with pytest.raises(ValueError, match="unknown format 'gif'"):
+    with pytest.raises(UserError, match="unknown format 'gif'"):
         sample(args(f"ckpt={conditional_ckpt}", "format=gif"))
 
 
@@ -141,9 +142,9 @@ def test_interpolations_run_between_seeded_draws():
     for i in range(3):
         assert near(across[i, 0], by_class[first[i]][i]) and not near(across[i, 0], across[i, -1])
         assert any(near(across[i, -1], by_class[c][i]) for c in range(3) if c != first[i])
-    with pytest.raises(ValueError, match="interp=class needs a class-conditional generator"):
+    with pytest.raises(UserError, match="interp=class needs a class-conditional generator"):
         interpolations(Generator(z_dim=16, ch=4, resolution=32, attn_resolutions=()).eval(), 1, steps=3, seed=0, kind="class")
-    with pytest.raises(ValueError, match="steps >= 2"):
+    with pytest.raises(UserError, match="steps >= 2"):
         interpolations(G, 1, steps=1, seed=0)
 
 

@@ -31,6 +31,7 @@ from sagan.models.discriminator import DBlock
 from sagan.models.layers import GeneratorBatchNorm2d, SpectralNormFP32, apply_spectral_norm
 from sagan.pretrained.studiogan_files import sha256
 from sagan.training.run import Run
+from sagan.utils.errors import UserError
 
 SRC = peer.source()
 needs_studiogan = pytest.mark.skipif(SRC is None, reason=f"StudioGAN's src/ not found: set {peer.ENV}")
@@ -280,7 +281,7 @@ def test_a_generator_only_import_has_no_d(tmp_path):
         assert G2(torch.zeros(1, 128)).shape == (1, 3, 32, 32)
     with pytest.raises(CheckpointError, match="holds no D"):
         sagan.load(tmp_path / "g.pt", net="D")
-    with pytest.raises(ValueError, match="net='E' is not in a sagan checkpoint"):
+    with pytest.raises(UserError, match="net='E' is not in a sagan checkpoint"):
         sagan.load(tmp_path / "g.pt", net="E")
     with pytest.raises(CheckpointError, match="holds no D"):
         Run(compose_config("model=studiogan32", "model.g_ch=4", "model.d_ch=4", "data=demo", "data.size=16",

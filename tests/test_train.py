@@ -16,6 +16,7 @@ from sagan.training.loop import train
 from sagan.training.run import Run
 from sagan.training.step import Trainer
 from sagan.utils.processes import SINGLE
+from sagan.utils.errors import UserError
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 
@@ -167,7 +168,7 @@ def test_run_log_names_the_data(tiny_cfg, tmp_path, caplog):
 
 def test_resume_with_another_architecture_names_the_difference(tiny_cfg, tmp_path):
     train(tiny_cfg("train.steps=1"), tmp_path)
-    with pytest.raises(ValueError, match=r"another architecture: model.g_ch: 4 in the checkpoint, 8 now"):
+    with pytest.raises(UserError, match=r"another architecture: model.g_ch: 4 in the checkpoint, 8 now"):
         train(tiny_cfg("train.steps=2", "train.resume=auto", "model.g_ch=8"), tmp_path)
 
 
@@ -175,7 +176,7 @@ def test_conditional_needs_labels(tiny_cfg, tmp_path):
     (tmp_path / "imgs").mkdir()
     for i in range(8):
         Image.new("RGB", (40, 40), (i * 30, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")
-    with pytest.raises(ValueError, match="model.conditional=true needs labelled data"):
+    with pytest.raises(UserError, match="model.conditional=true needs labelled data"):
         train(tiny_cfg("data=folder", f"data.root={tmp_path / 'imgs'}", "data.size=null", "model.conditional=true"), tmp_path / "run")
 
 
@@ -198,7 +199,7 @@ def test_freeze_d_fine_tunes_with_d_first_blocks_fixed(tiny_cfg, tmp_path):
     kept = {k for k in weights if torch.equal(start[k], tuned[k])}
     assert {k for k in weights if k.startswith(frozen)} <= kept
     assert any(k.startswith("blocks.block2.") for k in weights) and not any(k.startswith(("blocks.block2.", "blocks.block3.", "linear")) for k in kept)
-    with pytest.raises(ValueError, match="train.freeze_d=5, but this D has 4 blocks: choose 0 to 4"):
+    with pytest.raises(UserError, match="train.freeze_d=5, but this D has 4 blocks: choose 0 to 4"):
         train(tiny_cfg("train.steps=1", f"train.init_from={source}", "train.freeze_d=5"), tmp_path / "ft5")
 
 
@@ -213,7 +214,7 @@ def test_freeze_d_fine_tunes_with_d_first_blocks_fixed(tiny_cfg, tmp_path):
     ],
 )
 def test_impossible_values_fail_before_work(tiny_cfg, tmp_path, override, message):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(UserError) as error:
         train(tiny_cfg(override), tmp_path)
     assert message in str(error.value)
     assert not (tmp_path / "checkpoints").exists()

@@ -23,6 +23,7 @@ from sagan.evaluation.request import FidArgs
 from sagan.evaluation.sampling import draw
 from sagan.utils.atomic_files import atomic_write
 from sagan.utils.processes import resolve_device
+from sagan.utils.errors import UserError
 
 
 def run_dir(out: Path, study: str, variant: str, seed: int) -> Path:
@@ -72,15 +73,15 @@ def ablate(args: Any, train_overrides: list[str]) -> list[Path]:
     if args.variants is not None:
         unknown = sorted(set(args.variants) - set(names))
         if unknown:
-            raise ValueError(f"{args.study} at scale {args.scale} has no variant {unknown}: choose among {names}")
+            raise UserError(f"{args.study} at scale {args.scale} has no variant {unknown}: choose among {names}")
         names = [v for v in names if v in args.variants]
     scale = SCALES[args.scale]
     out = Path(args.out or f"ablations/{args.study}-{args.scale}").expanduser().resolve()
     runs = [(v, s) for v in names for s in range(args.seeds)]
     if args.seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {args.seeds}")
+        raise UserError(f"seeds must be >= 1, got {args.seeds}")
     if args.mirror_n < 2:
-        raise ValueError(f"mirror_n must be >= 2 (the score compares images of a batch), got {args.mirror_n}")
+        raise UserError(f"mirror_n must be >= 2 (the score compares images of a batch), got {args.mirror_n}")
 
     asked = {v: requested_config([*scale.overrides, f"+ablation={args.study}-{v}", *train_overrides]) for v in names}
     warned: set[tuple[str, int]] = set()

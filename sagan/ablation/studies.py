@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from sagan.utils.errors import UserError
 
 STUDIES = {
     # No attention, then attention at each feature-map size G and D share (paper, table 1; the sizes of the scale).
@@ -74,9 +75,9 @@ def protocol(study: str, scale: str) -> tuple[int, str, int | None]:
 def variants(study: str, scale: str) -> list[str]:
     """The variants of `study` at `scale`: attention positions are the feature-map sizes both G and D have."""
     if study not in STUDIES:
-        raise ValueError(f"unknown study '{study}': choose one of {', '.join(STUDIES)}")
+        raise UserError(f"unknown study '{study}': choose one of {', '.join(STUDIES)}")
     if scale not in SCALES:
-        raise ValueError(f"unknown scale '{scale}': choose one of {', '.join(SCALES)}")
+        raise UserError(f"unknown scale '{scale}': choose one of {', '.join(SCALES)}")
     names = STUDIES[study]
     if study == "position":  # D's largest feature map is half the image
         names = tuple(v for v in names if v == "none" or int(v.removeprefix("feat")) < SCALES[scale].resolution)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sagan.data.dataset_base import DatasetError, reraise_worker_error
 from sagan.utils.processes import available_cpus
+from sagan.utils.errors import UserError
 
 
 def default_num_workers() -> int:
@@ -188,7 +189,7 @@ class BatchStream:
         """Continue from `state` (from `state_dict()`); the loader restarts there on the next batch."""
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(
+            raise UserError(
                 f"data stream state {state} is out of range ({self.batches_per_epoch} batches per epoch):"
                 " was it saved with a different dataset, batch size or world size?"
             )

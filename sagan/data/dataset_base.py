@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-class DatasetError(ValueError):
+from sagan.utils.errors import UserError
+
+
+class DatasetError(UserError, ValueError):
     """A dataset cannot be built or read; the message names the problem and the config key that fixes it."""
 
 

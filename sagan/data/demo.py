@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from sagan.data.dataset_base import summary
 from sagan.data.images import pil_to_tensor, to_float
+from sagan.utils.errors import UserError
 
 _PALETTE = ((235, 45, 45), (45, 205, 70), (55, 95, 245), (245, 220, 40))
 _SUPERSAMPLE = 4  # draw at 4x and box-filter down: antialiased edges
@@ -30,7 +31,7 @@ class MirrorShapes(Dataset):
 
     def __init__(self, *, size: int = 10_000, resolution: int = 32, seed: int = 0, labels: bool = True) -> None:
         if size < 1:
-            raise ValueError(f"the demo dataset needs at least 1 image, got size={size}")
+            raise UserError(f"the demo dataset needs at least 1 image, got size={size}")
         self.size = size
         self.resolution = resolution
         self.seed = seed
@@ -100,7 +101,7 @@ def mirror_consistency(images: torch.Tensor, eps: float = 1e-6) -> float:
     images: (B, 3, H, W), uint8 or float in [-1, 1], B >= 2.
     """
     if images.ndim != 4 or images.shape[0] < 2:
-        raise ValueError(f"mirror_consistency needs a batch (B >= 2, C, H, W), got shape {tuple(images.shape)}")
+        raise UserError(f"mirror_consistency needs a batch (B >= 2, C, H, W), got shape {tuple(images.shape)}")
     x = to_float(images) if images.dtype == torch.uint8 else images.float()
     mirrored = x.flip(-1)
     d_self = (x - mirrored).abs().mean()

@@ -23,13 +23,14 @@ from sagan.utils.processes import World, broadcast_object, gather_rows, rank_par
 from sagan.evaluation.inception import INCEPTION, Inception
 from sagan.evaluation.reference_stats import Reference, statistics
 from sagan.evaluation.sampling import draw_batches
+from sagan.utils.errors import UserError
 
 log = logging.getLogger("sagan")
 
 KID_SUBSET = 1000  # torch-fidelity's and the KID paper's subset size, when there are enough images
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """Metrics that cannot be computed as asked: the message says why and what to change."""
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from sagan.utils.processes import World
+from sagan.utils.errors import UserError
 
 
 class FeatureMoments:
@@ -70,5 +71,5 @@ class FeatureMoments:
     def statistics(self) -> tuple[np.ndarray, np.ndarray]:
         """mu (D,) and the unbiased covariance sigma (D, D) (divided by N - 1, like np.cov), float64."""
         if self.count < 2:
-            raise ValueError(f"FID statistics need at least 2 images, got {self.count}: use more reference images")
+            raise UserError(f"FID statistics need at least 2 images, got {self.count}: use more reference images")
         return self.mean.numpy().copy(), (self.scatter / (self.count - 1)).numpy()

@@ -28,13 +28,14 @@ from sagan.data.datasets import ImageSubset
 from sagan.utils.processes import World, barrier, broadcast_object, gather_rows, rank_part
 from sagan.evaluation.inception import Inception
 from sagan.evaluation.moments import FeatureMoments
+from sagan.utils.errors import UserError
 
 log = logging.getLogger("sagan")
 
 FEATURES = 2048
 
 
-class ReferenceStatsError(ValueError):
+class ReferenceStatsError(UserError, ValueError):
     """Reference statistics that cannot be used as asked; the message says why and what to change."""
 
 

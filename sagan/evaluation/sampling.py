@@ -13,6 +13,7 @@ from torch import nn
 
 from sagan.data.images import to_uint8
 from sagan.utils.full_precision import full_precision
+from sagan.utils.errors import UserError
 
 
 def labels_for(n: int, num_classes: int, choice: str | None, generator: torch.Generator) -> torch.Tensor | None:
@@ -20,14 +21,14 @@ def labels_for(n: int, num_classes: int, choice: str | None, generator: torch.Ge
     through them (sample i has class i mod K), an index gives that class to all."""
     if num_classes == 0:
         if choice is not None:
-            raise ValueError(f"class={choice} given, but this generator is unconditional")
+            raise UserError(f"class={choice} given, but this generator is unconditional")
         return None
     if choice is None:
         return torch.randint(num_classes, (n,), generator=generator)
     if choice == "all":
         return torch.arange(n) % num_classes
     if not choice.isdigit() or int(choice) >= num_classes:
-        raise ValueError(f"class must be 'all' or an index in [0, {num_classes}), got '{choice}'")
+        raise UserError(f"class must be 'all' or an index in [0, {num_classes}), got '{choice}'")
     return torch.full((n,), int(choice))
 
 
@@ -44,7 +45,7 @@ def latents(
         z = torch.empty(n, G.z_dim).normal_(generator=generator)
     else:
         if truncation <= 0:
-            raise ValueError(f"truncation must be > 0, got {truncation}")
+            raise UserError(f"truncation must be > 0, got {truncation}")
         # Inverse CDF of uniform draws (in order, unlike torch's trunc_normal_, whose draws depend on n).
         low = 0.5 * (1 + math.erf(-truncation / math.sqrt(2)))
         p = low + torch.rand(n, G.z_dim, generator=generator, dtype=torch.float64) * (1 - 2 * low)
@@ -131,9 +132,9 @@ def interpolations(
     latent 2i+1 of the seed, along the sphere (slerp), each row with the class `choice` picks (see labels_for);
     `kind="class"`: latent i of the seed, its class weights moving from one seeded class to another."""
     if kind not in INTERPOLATIONS:
-        raise ValueError(f"unknown interp '{kind}': choose one of {', '.join(INTERPOLATIONS)}")
+        raise UserError(f"unknown interp '{kind}': choose one of {', '.join(INTERPOLATIONS)}")
     if steps < 2 or n < 1:
-        raise ValueError(f"an interpolation needs n >= 1 rows of steps >= 2 images, got n={n} steps={steps}")
+        raise UserError(f"an interpolation needs n >= 1 rows of steps >= 2 images, got n={n} steps={steps}")
     t = torch.linspace(0, 1, steps)
     if kind == "latent":
         z, y = latents(2 * n, G, seed=seed, choice=choice)
@@ -141,7 +142,7 @@ def interpolations(
         y = None if y is None else y[0::2].repeat_interleave(steps)
     else:
         if G.num_classes < 2:
-            raise ValueError("interp=class needs a class-conditional generator with at least 2 classes")
+            raise UserError("interp=class needs a class-conditional generator with at least 2 classes")
         z, ends = latents(n, G, seed=seed)
         _, other = latents(n, G, seed=seed + 1)
         other = torch.where(other == ends, (ends + 1) % G.num_classes, other)  # two different classes per row

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sagan.models.layers import apply_spectral_norm
+from sagan.utils.errors import UserError
 
 
 class AttentionLayer(nn.Module):
@@ -24,17 +25,17 @@ class AttentionLayer(nn.Module):
     def __init__(self, channels: int, *, divisor: int = 1) -> None:
         super().__init__()
         if channels % divisor:
-            raise ValueError(f"{type(self).__name__} needs a channel count divisible by {divisor}, got {channels}")
+            raise UserError(f"{type(self).__name__} needs a channel count divisible by {divisor}, got {channels}")
         self.channels = channels
         self.gamma = nn.Parameter(torch.zeros(()))
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"expected a (B, {self.channels}, H, W) feature map, got {tuple(x.shape)}")
+            raise UserError(f"expected a (B, {self.channels}, H, W) feature map, got {tuple(x.shape)}")
 
     def check_head(self, head: int) -> None:
         if not 0 <= head < self.map_heads:
-            raise ValueError(f"{type(self).__name__} draws {self.map_heads} map(s) per query: head {head} does not exist")
+            raise UserError(f"{type(self).__name__} draws {self.map_heads} map(s) per query: head {head} does not exist")
 
     def attention_maps(
         self, x: torch.Tensor, queries: Sequence[tuple[int, int]] | None = None, head: int = 0
@@ -56,7 +57,7 @@ class AttentionLayer(nn.Module):
         if queries is None:
             return [(r, c) for r in range(H) for c in range(W)]
         if any(not (0 <= r < H and 0 <= c < W) for r, c in queries):
-            raise ValueError(f"query positions must lie on the {H}x{W} feature map, got {list(queries)}")
+            raise UserError(f"query positions must lie on the {H}x{W} feature map, got {list(queries)}")
         return list(queries)
 
 
@@ -75,9 +76,9 @@ class SelfAttention2d(AttentionLayer):
     def __init__(self, channels: int, *, pool: int = 2, heads: int = 1, sn: bool = True) -> None:
         super().__init__(channels, divisor=8)
         if pool < 1:
-            raise ValueError(f"attention pool factor must be >= 1, got {pool}")
+            raise UserError(f"attention pool factor must be >= 1, got {pool}")
         if heads < 1 or (channels // 8) % heads:
-            raise ValueError(f"{heads} heads do not split the {channels // 8} query/key channels (C/8) evenly")
+            raise UserError(f"{heads} heads do not split the {channels // 8} query/key channels (C/8) evenly")
         self.pool, self.heads, self.map_heads = pool, heads, heads
         self.query = nn.Conv2d(channels, channels // 8, 1, bias=False)
         self.key = nn.Conv2d(channels, channels // 8, 1, bias=False)
@@ -90,7 +91,7 @@ class SelfAttention2d(AttentionLayer):
         """(B, C, H, W) -> query (B, h, N, C/8h), key (B, h, N/p^2, C/8h), value (B, h, N/p^2, C/2h)."""
         self.check_input(x)
         if x.shape[2] % self.pool or x.shape[3] % self.pool:
-            raise ValueError(f"feature map {x.shape[2]}x{x.shape[3]} is not divisible by the pool factor {self.pool}")
+            raise UserError(f"feature map {x.shape[2]}x{x.shape[3]} is not divisible by the pool factor {self.pool}")
         key, value = self.key(x), self.value(x)
         if self.pool > 1:
             key, value = F.max_pool2d(key, self.pool), F.max_pool2d(value, self.pool)

@@ -6,15 +6,16 @@ from sagan.models.attention import AttentionLayer, SelfAttention2d, SimpleSelfAt
 from sagan.models.gates import CBAM2d, SqueezeExcite2d
 from sagan.models.local_attention import LocalSelfAttention2d
 from sagan.models.residual_control import ResidualControl2d
+from sagan.utils.errors import UserError
 
 ATTN_TYPES = ("sagan", "multihead", "simple", "local", "se", "cbam", "residual")
 
 
 def check_attention(kind: str, heads: int) -> None:
     if kind not in ATTN_TYPES:
-        raise ValueError(f"unknown model.attn_type '{kind}': choose one of {', '.join(ATTN_TYPES)}")
+        raise UserError(f"unknown model.attn_type '{kind}': choose one of {', '.join(ATTN_TYPES)}")
     if heads != 1 and kind != "multihead":
-        raise ValueError(f"model.attn_heads={heads} needs model.attn_type=multihead (attn_type is '{kind}')")
+        raise UserError(f"model.attn_heads={heads} needs model.attn_type=multihead (attn_type is '{kind}')")
 
 
 def build_attention(kind: str, channels: int, *, pool: int, heads: int, window: int, sn: bool) -> AttentionLayer:

@@ -11,6 +11,7 @@ from torch import nn
 from sagan.models.attention_types import build_attention
 from sagan.models.generator import check_attn_resolutions
 from sagan.models.layers import apply_spectral_norm, check_labels, init_weights
+from sagan.utils.errors import UserError
 
 # (width multiplier of `ch`, down-sample?) per block, from the input resolution down. 128 px is the paper's ImageNet
 # discriminator (64..1024, 1024 for ch=64); 32 px is the CIFAR-10 ResNet of SNGAN/StudioGAN (constant 128 for ch=64,
@@ -76,9 +77,9 @@ class Discriminator(nn.Module):
     ) -> None:
         super().__init__()
         if shortcut not in D_SHORTCUTS:
-            raise ValueError(f"unknown model.d_shortcut '{shortcut}': choose one of {', '.join(D_SHORTCUTS)}")
+            raise UserError(f"unknown model.d_shortcut '{shortcut}': choose one of {', '.join(D_SHORTCUTS)}")
         if resolution not in ARCH:
-            raise ValueError(f"unsupported discriminator resolution {resolution}: choose one of {sorted(ARCH)}")
+            raise UserError(f"unsupported discriminator resolution {resolution}: choose one of {sorted(ARCH)}")
         self.resolution, self.num_classes = resolution, num_classes
         sizes, size = [], resolution
         for _, downsample in ARCH[resolution]:
@@ -108,10 +109,10 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         r = self.resolution
         if x.ndim != 4 or x.shape[1:] != (3, r, r):
-            raise ValueError(f"expected images of shape (B, 3, {r}, {r}), got {tuple(x.shape)}")
+            raise UserError(f"expected images of shape (B, 3, {r}, {r}), got {tuple(x.shape)}")
         if y is not None and y.is_floating_point():
-            raise ValueError("D takes class indices (an int64 tensor), not class weights")
-        check_labels(y, x.shape[0], self.num_classes)
+            raise UserError("D takes class indices (an int64 tensor), not class weights")
+        check_labels(y, x.shape[0], self.num_classes, training=self.training)
         h = x
         for block in self.blocks.values():
             h = block(h)

@@ -11,6 +11,7 @@ from torch import nn
 
 from sagan.models.attention_types import build_attention
 from sagan.models.layers import GeneratorBatchNorm2d, apply_spectral_norm, check_labels, init_weights
+from sagan.utils.errors import UserError
 
 # Width multipliers of `ch` at 4x4, 8x8, ..., resolution. 128 px is the paper's ImageNet generator (1024..64 for
 # ch=64); 32 px is the CIFAR-10 ResNet of SNGAN/StudioGAN (constant 256 for ch=64); 64 and 256 follow BigGAN.
@@ -25,7 +26,7 @@ WIDTHS = {
 def check_attn_resolutions(attn_resolutions: Sequence[int], available: Sequence[int], network: str) -> None:
     unknown = sorted(set(attn_resolutions) - set(available))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{network} has no feature map of size {unknown}: attention resolutions must be among {sorted(set(available))}"
         )
 
@@ -84,10 +85,10 @@ class Generator(nn.Module):
     ) -> None:
         super().__init__()
         if resolution not in WIDTHS:
-            raise ValueError(f"unsupported generator resolution {resolution}: choose one of {sorted(WIDTHS)}")
+            raise UserError(f"unsupported generator resolution {resolution}: choose one of {sorted(WIDTHS)}")
         multipliers = WIDTHS[resolution] if widths is None else tuple(widths)
         if len(multipliers) != len(WIDTHS[resolution]) or min(multipliers) < 1:
-            raise ValueError(
+            raise UserError(
                 f"model.g_widths must give {len(WIDTHS[resolution])} positive width multipliers (4x4 to "
                 f"{resolution}x{resolution}) at {resolution} px, got {list(multipliers)}"
             )
@@ -115,8 +116,8 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if z.ndim != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"expected z of shape (B, {self.z_dim}), got {tuple(z.shape)}")
-        check_labels(y, z.shape[0], self.num_classes)
+            raise UserError(f"expected z of shape (B, {self.z_dim}), got {tuple(z.shape)}")
+        check_labels(y, z.shape[0], self.num_classes, training=self.training)
         h = self.linear(z).view(z.shape[0], -1, 4, 4)  # (B, z_dim) -> (B, C, 4, 4)
         for block in self.blocks.values():
             h = block(h, y) if isinstance(block, GBlock) else block(h)

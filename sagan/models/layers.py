@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
+from sagan.utils.errors import UserError
 
 INIT_SCHEMES = ("xavier", "orthogonal", "normal")
 # model.sn_update: the order of the power iteration's two half-steps. "uv" is PyTorch's parametrization (u from the
@@ -25,7 +26,7 @@ def init_weights(module: nn.Module, scheme: str) -> None:
     final weights.
     """
     if scheme not in INIT_SCHEMES:
-        raise ValueError(f"unknown init scheme '{scheme}': choose one of {', '.join(INIT_SCHEMES)}")
+        raise UserError(f"unknown init scheme '{scheme}': choose one of {', '.join(INIT_SCHEMES)}")
     for m in module.modules():
         if not isinstance(m, _SN_LAYERS):
             continue
@@ -48,7 +49,7 @@ def apply_spectral_norm(module: nn.Module, *, update: str = "uv") -> None:
     official code (`cond_bn="linear"` makes them linear layers, which are normalised).
     """
     if update not in SN_UPDATES:
-        raise ValueError(f"unknown model.sn_update '{update}': choose one of {', '.join(SN_UPDATES)}")
+        raise UserError(f"unknown model.sn_update '{update}': choose one of {', '.join(SN_UPDATES)}")
     kind = SpectralNormFP32 if update == "uv" else SpectralNormVFirst
     for m in list(module.modules()):
         if isinstance(m, _SN_LAYERS) and not parametrize.is_parametrized(m, "weight"):
@@ -106,7 +107,7 @@ class GeneratorBatchNorm2d(nn.Module):
     ) -> None:
         super().__init__()
         if form not in COND_BN_FORMS:
-            raise ValueError(f"unknown model.cond_bn '{form}': choose one of {', '.join(COND_BN_FORMS)}")
+            raise UserError(f"unknown model.cond_bn '{form}': choose one of {', '.join(COND_BN_FORMS)}")
         self.bn = nn.BatchNorm2d(channels, affine=num_classes == 0, momentum=momentum, eps=eps)
         self.form = form
         if num_classes > 0 and form == "tables":
@@ -135,27 +136,31 @@ class GeneratorBatchNorm2d(nn.Module):
         return h * gain[:, :, None, None] + bias[:, :, None, None]
 
 
-def check_labels(y: torch.Tensor | None, batch: int, num_classes: int) -> None:
+def check_labels(y: torch.Tensor | None, batch: int, num_classes: int, *, training: bool) -> None:
     """Fail clearly on labels that do not fit the model: missing, unexpected, wrong shape, dtype or range. Float
     labels of shape (batch, num_classes) are class weights (G's interpolations between classes).
 
-    The range check runs only for CPU tensors and outside torch.compile and torch.export: on a GPU it would force a
-    host sync on every step (and labels reach the GPU from data that has already been checked), and a traced graph
+    The range check runs wherever a label out of range would otherwise reach an embedding: on the CPU, and on a GPU
+    for a network in eval mode (sampling, evaluation, figures, `sagan.load`'s networks), where an index out of range
+    is a device-side assert that kills the CUDA context and names nothing. It is skipped for a GPU network in training
+    mode, where it would stall every step on a host sync (its labels come from the training data, checked when the
+    dataset was built, and from the latent sampler), and inside torch.compile and torch.export, where a traced graph
     cannot branch on values.
     """
     if num_classes == 0:
         if y is not None:
-            raise ValueError("labels given to an unconditional model: build it with num_classes > 0 or pass y=None")
+            raise UserError("labels given to an unconditional model: build it with num_classes > 0 or pass y=None")
         return
     if y is None:
-        raise ValueError(f"this model is class-conditional ({num_classes} classes): pass labels y of shape ({batch},)")
+        raise UserError(f"this model is class-conditional ({num_classes} classes): pass labels y of shape ({batch},)")
     if y.is_floating_point():  # class weights, one row per sample (G only: interpolations between classes)
         if y.shape != (batch, num_classes):
-            raise ValueError(f"class weights must have shape ({batch}, {num_classes}), got {tuple(y.shape)}")
+            raise UserError(f"class weights must have shape ({batch}, {num_classes}), got {tuple(y.shape)}")
         return
     if y.shape != (batch,) or y.dtype != torch.long:
-        raise ValueError(f"labels must be an int64 tensor of shape ({batch},), got {tuple(y.shape)} {y.dtype}")
-    if torch.compiler.is_compiling() or y.device.type != "cpu" or batch == 0:
+        raise UserError(f"labels must be an int64 tensor of shape ({batch},), got {tuple(y.shape)} {y.dtype}")
+    if torch.compiler.is_compiling() or batch == 0 or (training and y.device.type != "cpu"):
         return
-    if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got values from {int(y.min())} to {int(y.max())}")
+    low, high = torch.stack([y.min(), y.max()]).tolist()  # one host sync
+    if low < 0 or high >= num_classes:
+        raise UserError(f"labels must lie in [0, {num_classes}), got values from {low} to {high}")

@@ -9,6 +9,7 @@ from torch import nn
 
 from sagan.models.attention import AttentionLayer
 from sagan.models.layers import apply_spectral_norm
+from sagan.utils.errors import UserError
 
 
 class LocalSelfAttention2d(AttentionLayer):
@@ -26,7 +27,7 @@ class LocalSelfAttention2d(AttentionLayer):
     def __init__(self, channels: int, *, window: int = 7, sn: bool = True) -> None:
         super().__init__(channels, divisor=8)
         if window < 1 or window % 2 == 0:
-            raise ValueError(f"model.attn_window must be an odd number >= 1, got {window}")
+            raise UserError(f"model.attn_window must be an odd number >= 1, got {window}")
         self.window = window
         width = channels // 8
         self.query = nn.Conv2d(channels, width, 1, bias=False)

@@ -25,6 +25,7 @@ from sagan.utils.processes import World, main_rank_first, rank_seed, resolve_per
 from sagan.utils.progress import Progress
 from sagan.visualization.figures import DEFAULT_QUERIES, to_pixels
 from sagan.visualization.snapshots import Snapshots
+from sagan.utils.errors import UserError
 
 
 @dataclass
@@ -46,7 +47,7 @@ def assemble(cfg: DictConfig, world: World, device: torch.device) -> Parts:
     perf = resolve_perf(cfg.perf, device)
     dataset = training_data(cfg, world)
     if cfg.model.conditional and dataset.num_classes == 0:
-        raise ValueError(
+        raise UserError(
             f"model.conditional=true needs labelled data, but data '{cfg.data.name}' has no classes: set model.conditional=false"
         )
     num_classes = dataset.num_classes if cfg.model.conditional else 0
@@ -105,7 +106,7 @@ def freeze_d_blocks(D: torch.nn.Module, k: int) -> list[str]:
     names = list(D.blocks)
     blocks = [n for n in names if n.startswith("block")]
     if not 0 <= k <= len(blocks):
-        raise ValueError(f"train.freeze_d={k}, but this D has {len(blocks)} blocks: choose 0 to {len(blocks)}")
+        raise UserError(f"train.freeze_d={k}, but this D has {len(blocks)} blocks: choose 0 to {len(blocks)}")
     frozen = names if k == len(blocks) else names[: names.index(blocks[k])]
     for name in frozen:
         D.blocks[name].requires_grad_(False)

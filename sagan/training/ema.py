@@ -10,6 +10,7 @@ from torch import nn
 from sagan.config import EMA_BN
 from sagan.training.standing_stats import is_bn_statistic, standing_statistics
 from sagan.training.sync_batchnorm import use_plain_batchnorm
+from sagan.utils.errors import UserError
 
 
 class EmaGenerator:
@@ -25,7 +26,7 @@ class EmaGenerator:
         self, G: nn.Module, *, decay: float, start: int, bn: str, bn_batches: int, bn_batch_size: int, seed: int
     ) -> None:
         if bn not in EMA_BN:
-            raise ValueError(f"unknown optim.ema_bn '{bn}': choose one of {', '.join(EMA_BN)}")
+            raise UserError(f"unknown optim.ema_bn '{bn}': choose one of {', '.join(EMA_BN)}")
         # Plain BatchNorms also when G's are synchronised: standing statistics are computed by whichever rank needs
         # them, alone.
         self.G = copy.deepcopy(G).eval().requires_grad_(False)

@@ -35,15 +35,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     last sample scores). Under torchrun every process calls this, and rank 0's `run_dir` is used."""
     check_config(cfg, world_from_env().size)
     world, device = init_distributed(cfg.device, cfg.dist.timeout_min)
-    run_dir = broadcast_object(run_dir, world)  # rank 0's
+    try:
+        return train_in(cfg, broadcast_object(run_dir, world), world, device)  # rank 0's run directory
+    finally:
+        leave_distributed(world)  # on every exit, errors included: a group left to interpreter exit can abort it
+
+
+def train_in(cfg: DictConfig, run_dir: Path, world: World, device: torch.device) -> dict[str, Any]:
+    """`train` once the processes have joined: the run directory's lock held for the run, then the loop, or nothing
+    when the run has finished already."""
     lock = hold_run_dir(run_dir, world) if cfg.train.lock else None
     try:
         finished = broadcast_object(finished_step(cfg, run_dir) if world.main else None, world)
         if finished is not None:
             log.info(f"{run_dir} finished already (step {finished} of train.steps={cfg.train.steps}): nothing to do")
-            result = {"step": finished}
-        else:
-            result = training_loop(cfg, run_dir, world, device)
+            return {"step": finished}
+        return training_loop(cfg, run_dir, world, device)
     except DiskFull as full:
         latest = find_latest(run_dir / "checkpoints")
         then = f"free some space, then continue with the same command plus hydra.run.dir={run_dir} train.resume=auto"
@@ -51,8 +58,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         if lock is not None:
             lock.release()
-    leave_distributed(world)  # the loop's Run, with its DDP wrappers, is gone by now
-    return result
 
 
 def hold_run_dir(run_dir: Path, world: World) -> RunLock | None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from sagan.utils.errors import UserError
 
 Loss = Callable[..., torch.Tensor]
 
@@ -45,5 +46,5 @@ LOSSES: dict[str, tuple[Loss, Loss]] = {
 def get_losses(name: str) -> tuple[Loss, Loss]:
     """(d_loss, g_loss) for a loss name."""
     if name not in LOSSES:
-        raise ValueError(f"unknown loss '{name}': choose one of {', '.join(LOSSES)}")
+        raise UserError(f"unknown loss '{name}': choose one of {', '.join(LOSSES)}")
     return LOSSES[name]

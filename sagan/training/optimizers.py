@@ -1,6 +1,11 @@
-"""G's and D's Adam and their learning rates, in one place: the settings (learning rates, betas, eps, fused) always
-come from the run's config, also on resume (a checkpoint gives only Adam's moments), and `scale` is the factor NaN
-rollbacks have multiplied both learning rates by, kept in checkpoints so that it holds after a resume."""
+"""G's and D's Adam, their learning rates and their loss scaling, in one place: the settings (learning rates, betas,
+eps, fused) always come from the run's config, also on resume (a checkpoint gives only Adam's moments), and `scale` is
+the factor NaN rollbacks have multiplied both learning rates by, kept in checkpoints so that it holds after a resume.
+
+With fp16 autocast (perf.precision=fp16, GPUs without bf16) each network's loss is scaled before its backward, so
+that small fp16 gradients do not flush to zero, and its step is skipped when a gradient overflowed (the scale then
+halves; it doubles after 2,000 steps without overflow): one GradScaler per network, as G and D step separately. In
+any other precision the scalers are disabled and change nothing."""
 
 from __future__ import annotations
 
@@ -17,7 +22,17 @@ class Optimizers:
     """Adam for G (`g`) and for D (`d`), at base learning rates times `scale`."""
 
     def __init__(
-        self, G: nn.Module, D: nn.Module, *, lr_g: float, lr_d: float, betas: tuple[float, float], eps: float, fused: bool
+        self,
+        G: nn.Module,
+        D: nn.Module,
+        *,
+        lr_g: float,
+        lr_d: float,
+        betas: tuple[float, float],
+        eps: float,
+        fused: bool,
+        loss_scaling: bool = False,
+        device_type: str = "cpu",
     ) -> None:
         self.lr = {"G": lr_g, "D": lr_d}
         # fused=None, not False, without fused Adam: torch then picks its multi-tensor (foreach) implementation.
@@ -25,9 +40,23 @@ class Optimizers:
         self.scale = 1.0
         self.g = torch.optim.Adam(G.parameters(), lr=lr_g, **self.adam)
         self.d = torch.optim.Adam(D.parameters(), lr=lr_d, **self.adam)
+        self.scalers = {name: torch.amp.GradScaler(device_type, enabled=loss_scaling) for name in ("G", "D")}
 
     def by_name(self) -> dict[str, torch.optim.Optimizer]:
         return {"G": self.g, "D": self.d}
+
+    def backward(self, name: str, loss: torch.Tensor) -> None:
+        """Gradients of `loss` for network `name`'s parameters (of the loss times the loss scale, with fp16)."""
+        self.scalers[name].scale(loss).backward()
+
+    def unscale(self, name: str) -> None:
+        """Divide `name`'s gradients by the loss scale (once, before its step), so that they can be measured."""
+        self.scalers[name].unscale_(self.by_name()[name])
+
+    def step(self, name: str) -> None:
+        """Update network `name` (skipped after a gradient overflow with fp16) and adapt its loss scale."""
+        self.scalers[name].step(self.by_name()[name])
+        self.scalers[name].update()
 
     def set_scale(self, scale: float) -> None:
         """Train from now on with both learning rates times `scale` (what a NaN rollback does)."""
@@ -37,7 +66,12 @@ class Optimizers:
                 group["lr"] = self.lr[name] * scale  # the expression a resume computes: bit-identical learning rates
 
     def state_dict(self) -> dict[str, Any]:
-        return {"opt_g": self.g.state_dict(), "opt_d": self.d.state_dict(), "lr_scale": self.scale}
+        return {
+            "opt_g": self.g.state_dict(),
+            "opt_d": self.d.state_dict(),
+            "lr_scale": self.scale,
+            "loss_scale": {name: scaler.state_dict() for name, scaler in self.scalers.items()},  # {} unless fp16
+        }
 
     def load_state_dict(self, state: dict[str, Any], *, written_lr_d: float | None = None) -> None:
         """Adam's moments from `state` (a trainer's checkpoint state) with this run's settings and the checkpoint's
@@ -52,6 +86,18 @@ class Optimizers:
             changed += self._load(name, state[key])
         if changed:
             log.info(f"optimizer settings from the current config, not the checkpoint: {'; '.join(changed)}")
+        self._load_loss_scales(state.get("loss_scale", {}))
+
+    def _load_loss_scales(self, saved: dict[str, dict[str, Any]]) -> None:
+        """The loss scales of an fp16 run continue where it stopped; a run that switches to fp16 on resume starts
+        from GradScaler's initial scale, and one that leaves fp16 drops them (a checkpoint may change precision)."""
+        for name, scaler in self.scalers.items():
+            if not scaler.is_enabled():
+                continue
+            if saved.get(name):
+                scaler.load_state_dict(saved[name])
+            else:
+                log.info(f"{name}'s fp16 loss scale starts at {scaler.get_scale():g}: the checkpoint was not trained in fp16")
 
     def _load(self, name: str, saved: dict[str, Any]) -> list[str]:
         """Load one Adam's state with the current settings in place of the saved ones; returns what differed."""

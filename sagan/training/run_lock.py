@@ -9,11 +9,12 @@ import os
 from pathlib import Path
 
 from sagan.utils.directory_lock import DirectoryBusy, LocksUnsupported, describe, lock_directory
+from sagan.utils.errors import UserError
 
 _held: dict[Path, "RunLock"] = {}  # the locks this process holds, by run directory
 
 
-class RunLocked(OSError):
+class RunLocked(UserError, OSError):
     """The run directory is locked by another trainer, or cannot be locked at all; the message says which."""
 
 

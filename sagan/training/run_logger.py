@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from sagan.utils.atomic_files import atomic_write, space_for
+from sagan.utils.errors import UserError
 
 log = logging.getLogger("sagan")
 
@@ -34,7 +35,7 @@ class RunLogger:
         config: dict[str, Any] | None = None,
     ) -> None:
         if mode not in MODES:
-            raise ValueError(f"unknown logger.mode '{mode}': choose one of {', '.join(MODES)}")
+            raise UserError(f"unknown logger.mode '{mode}': choose one of {', '.join(MODES)}")
         self.run_dir = run_dir
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         self.wandb = None

@@ -24,6 +24,7 @@ from sagan.training.optimizers import Optimizers
 from sagan.training.power_iteration import power_iteration_paused
 from sagan.training.standing_stats import bn_statistics_paused
 from sagan.utils.processes import SINGLE, World, broadcast_buffers
+from sagan.utils.errors import UserError
 
 log = logging.getLogger("sagan")
 
@@ -31,6 +32,9 @@ log = logging.getLogger("sagan")
 # What train_step returns, on the device: the losses (D's of its last step), D's mean logit on the real and on the
 # fake images and the fraction of real ones it scores positive (2x it - 1 is StyleGAN2-ADA's overfitting heuristic
 # r_t), each the mean over the step's D steps, and the gradient norms of D (mean over its steps) and G.
+# The autocast dtype of each reduced precision (sagan.config.PRECISIONS); fp32 runs without autocast.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 STEP_VALUES = ("d_loss", "g_loss", "d_real", "d_fake", "d_real_positive", "grad_norm_d", "grad_norm_g")
 
 
@@ -78,19 +82,25 @@ class Trainer:
         augment: DiffAugment | None = None,
     ) -> None:
         if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
+            raise UserError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
         if grad_accum < 1:
-            raise ValueError(f"train.grad_accum must be >= 1, got {grad_accum}")
+            raise UserError(f"train.grad_accum must be >= 1, got {grad_accum}")
         if d_calls not in (1, 2):
-            raise ValueError(f"optim.d_calls must be 1 or 2, got {d_calls}")
+            raise UserError(f"optim.d_calls must be 1 or 2, got {d_calls}")
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.G = G.to(self.device, memory_format=self.memory_format)
         self.D = D.to(self.device, memory_format=self.memory_format)
         self.d_trainable = [p for p in self.D.parameters() if p.requires_grad]  # all but frozen blocks (train.freeze_d)
-        self.opt = Optimizers(self.G, self.D, lr_g=lr_g, lr_d=lr_d, betas=betas, eps=eps, fused=fused_adam)
-        # bf16 autocast for the G and D forwards; weights, optimizer, spectral norm and losses stay fp32.
-        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        self.opt = Optimizers(
+            self.G, self.D, lr_g=lr_g, lr_d=lr_d, betas=betas, eps=eps, fused=fused_adam,
+            loss_scaling=precision == "fp16", device_type=self.device.type,
+        )  # fmt: skip
+        # bf16 or fp16 autocast for the G and D forwards (fp16 with loss scaling); weights, optimizer, spectral norm,
+        # D's head and the losses stay fp32.
+        self.autocast = dict(
+            device_type=self.device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision in AUTOCAST_DTYPES
+        )
         # Views of the same modules (same parameters) that the step runs through; checkpoints use G and D.
         # G_fast / D_fast: compiled or not. G_train / D_train: the network being trained in a step, wrapped in DDP
         # with several processes, so its gradients are averaged over ranks. The other network runs unwrapped: the
@@ -165,12 +175,13 @@ class Trainer:
                     real_logits = self.D_train(real_m.contiguous(memory_format=self.memory_format), y_real_m)
                     fake_logits = self.D_train(fake.contiguous(memory_format=self.memory_format), y_fake_m)
             loss = self.d_loss_fn(real_logits, fake_logits) / self.grad_accum
-            loss.backward()
+            self.opt.backward("D", loss)
             total += loss.detach()
             outputs += torch.stack([real_logits.mean(), fake_logits.mean(), (real_logits > 0).float().mean()]).detach()
         self.d_outputs = outputs / self.grad_accum  # D's mean logit on real and fake, and the share of reals it passes
+        self.opt.unscale("D")
         self.grad_norm_d = grad_norm(self.D)
-        self.opt.d.step()
+        self.opt.step("D")
         return total
 
     def g_step(self, batch_size: int) -> torch.Tensor:
@@ -192,13 +203,14 @@ class Trainer:
                             fake = self.augment(fake.to(torch.promote_types(fake.dtype, torch.float32)))  # >= fp32, as in the D step
                         logits = self.D_fast(fake, y_m)
                     loss = self.g_loss_fn(logits) / self.grad_accum
-                    loss.backward()
+                    self.opt.backward("G", loss)
                     total += loss.detach()
         finally:
             for p in self.d_trainable:
                 p.requires_grad_(True)
+        self.opt.unscale("G")
         self.grad_norm_g = grad_norm(self.G)
-        self.opt.g.step()
+        self.opt.step("G")
         return total
 
     def _g_bn_statistics(self) -> contextlib.AbstractContextManager:

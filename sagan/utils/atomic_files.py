@@ -14,10 +14,12 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from sagan.utils.errors import UserError
+
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class DiskFull(OSError):
+class DiskFull(UserError, OSError):
     """A write that failed for lack of space (or quota); the message names the file, what it needed, what was free,
     and what to do next (`then`)."""
 

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sagan.utils.errors import UserError
+
 LOCK_FILE = ".lock"
 
 
-class DirectoryBusy(OSError):
+class DirectoryBusy(UserError, OSError):
     """Another process holds the lock; `holder` is what it wrote ({} when it wrote nothing)."""
 
     def __init__(self, directory: Path, holder: dict[str, Any]) -> None:
@@ -24,7 +26,7 @@ class DirectoryBusy(OSError):
         self.holder = holder
 
 
-class LocksUnsupported(OSError):
+class LocksUnsupported(UserError, OSError):
     """The directory's filesystem has no file locks (some NFS mounts), so nothing would stop a second writer."""
 
 

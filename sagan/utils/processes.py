@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from sagan.utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -80,26 +81,33 @@ def leave_distributed(world: World) -> None:
 
 
 def resolve_device(name: str, world: World = SINGLE) -> torch.device:
-    """'auto' is the GPU when there is one, else the CPU; anything else is taken as a torch device name.
-
-    With several processes, 'auto' and 'cuda' mean the GPU of this process's local rank.
-    """
+    """The device `device=` names: 'auto' is the GPU when there is one, else the CPU; anything else is a torch device
+    name. A GPU always comes back with its index, as `torch.cuda.set_device`, NCCL and DDP need it: 'auto' and 'cuda'
+    mean the GPU of this process's local rank among those it sees (with one GPU per process, as SLURM's
+    --gpus-per-task gives, that one; with one process, cuda:0), 'cuda:N' GPU N of one process."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device '{name}': use device=auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but no CUDA GPU is visible: use device=cpu or device=auto")
-    if device.type == "cuda" and world.size > 1:
-        if device.index is not None:
-            raise ValueError(
-                f"device={name} with {world.size} processes: use device=auto or device=cuda, each process then takes "
-                "the GPU of its local rank (choose GPUs with CUDA_VISIBLE_DEVICES)"
-            )
-        # local_rank % count: with one GPU visible per process (SLURM --gpus-per-task), that one.
-        device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
+        raise UserError(f"unknown device '{name}': use device=auto, cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is visible: use device=cpu or device=auto")
+    count = torch.cuda.device_count()
+    if device.index is None:
+        return torch.device("cuda", world.local_rank % count)
+    if world.size > 1:
+        raise UserError(
+            f"device={name} with {world.size} processes: use device=auto or device=cuda, each process then takes "
+            "the GPU of its local rank (choose GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    if device.index >= count:
+        raise UserError(
+            f"device={name}, but this process sees {count} GPU(s), cuda:0 to cuda:{count - 1}: choose one of them "
+            "(CUDA_VISIBLE_DEVICES chooses which GPUs a process sees)"
+        )
     return device
 
 
@@ -140,17 +148,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def resolve_perf(perf: Any, device: torch.device) -> dict[str, Any]:
     """The speed options for `device`: config values, with null / "auto" resolved; sets the global CUDA flags."""
-    fast_bf16 = device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    precision = ("bf16" if fast_bf16 else "fp32") if perf.precision == "auto" else perf.precision
+    precision = auto_precision(device) if perf.precision == "auto" else perf.precision
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UserError(
+            "perf.precision=bf16, but this GPU has no native bf16 (GPUs before NVIDIA's Ampere, such as the V100 and "
+            "T4, only emulate it): use perf.precision=fp16 (loss-scaled) or auto"
+        )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = perf.tf32
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark
     return {
         "precision": precision,
-        "channels_last": precision == "bf16" if perf.channels_last is None else perf.channels_last,
+        "channels_last": precision in ("bf16", "fp16") if perf.channels_last is None else perf.channels_last,
         "fused_adam": device.type == "cuda" if perf.fused_adam is None else perf.fused_adam,
         "compile": perf.compile,
     }
+
+
+def auto_precision(device: torch.device) -> str:
+    """perf.precision=auto: bf16 autocast where the hardware computes in bf16 (GPUs from Ampere on, CPUs with
+    AVX512-BF16 or AMX), fp16 autocast with loss scaling on older GPUs, else fp32. (`is_bf16_supported` would also
+    count the emulated bf16 of older GPUs, which is slower than fp32.)"""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 def broadcast_object(obj: Any, world: World) -> Any:

@@ -20,6 +20,7 @@ from torchvision.utils import make_grid, save_image
 
 from sagan.utils.atomic_files import atomic_write, write_png
 from sagan.models import AttentionLayer
+from sagan.utils.errors import UserError
 
 # Query points as fractions (row, col) of the image: a left/right pair at two heights, so a user sees whether a point
 # looks at its mirror position (the demo) or at related parts of the object.
@@ -67,10 +68,10 @@ def to_pixels(queries: Sequence[Sequence[float]], resolution: int) -> list[tuple
     pixels = []
     for q in queries:
         if len(q) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in q):
-            raise ValueError(f"a query point is two numbers (row, col), got {list(q)}")
+            raise UserError(f"a query point is two numbers (row, col), got {list(q)}")
         row, col = (round(v * (resolution - 1)) if 0 <= v < 1 else int(v) for v in q)
         if not (0 <= row < resolution and 0 <= col < resolution):
-            raise ValueError(f"query point {list(q)} lies outside the {resolution}x{resolution} image")
+            raise UserError(f"query point {list(q)} lies outside the {resolution}x{resolution} image")
         pixels.append((row, col))
     return pixels
 
