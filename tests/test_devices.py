@@ -76,11 +76,11 @@ def test_two_processes_pass_pytorchs_checks_and_reach_nccl(tmp_path):
     """torchrun with 2 processes on a machine shown with 2 GPUs: each sets its local rank's GPU and hands it to
     init_process_group, whose checks pass; NCCL's process group, which needs real GPUs, is as far as a CPU gets."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(TESTS / "fake_gpu_worker.py"), "2"]  # fmt: skip
+               str(TESTS / "fake_gpu_worker.py"), "2", str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
-    assert len(lines) == 2, result.stdout + result.stderr
-    for rank, line in enumerate(lines):
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in (0, 1):
+        line = (tmp_path / f"rank{rank}.txt").read_text()
         assert line.startswith(f"rank {rank}: set_device [{rank}]: "), line
         assert "NCCL" in line and "index" not in line and "device_id" not in line, line
 
