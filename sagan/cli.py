@@ -93,11 +93,12 @@ def run_cli(fn: Callable[[], object], *, check_overrides: Sequence[str] | None =
 
     `log_to_stderr`: show the log (progress of long computations) on stderr, for commands Hydra does not configure.
     """
-    if log_to_stderr:
-        handler = logging.StreamHandler(sys.stderr)
+    logger = logging.getLogger("sagan")
+    handler = logging.StreamHandler(sys.stderr) if log_to_stderr else None
+    if handler is not None:
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logging.getLogger("sagan").addHandler(handler)
-        logging.getLogger("sagan").setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         # With Hydra flags (--cfg, -m for sweeps, --help, ...) Hydra parses and checks the command line itself.
         if check_overrides is not None and not any(a.startswith("-") for a in check_overrides):
@@ -113,7 +114,9 @@ def run_cli(fn: Callable[[], object], *, check_overrides: Sequence[str] | None =
         else:
             print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
-
+    finally:
+        if handler is not None:  # a command run again in this process (tests, notebooks) adds no second one
+            logger.removeHandler(handler)
 
 def user_message(error: Exception) -> str | None:
     """The one line shown for an error about the input, the files or the machine; None for a bug."""

@@ -4,8 +4,9 @@
     sagan-export ckpt=outputs/run/checkpoints/last.pt format=onnx ema=false out=g.onnx
 
 G_ema (or G) with spectral norm folded into plain weights, BatchNorm in eval mode, attention included (as MatMul and
-Softmax), a dynamic batch axis, and the labels as an input `y` for a class-conditional model. The command runs the
-file with onnxruntime on seeded latents and prints the largest difference from PyTorch's images.
+Softmax), a dynamic batch axis, and the labels as an input `y` for a class-conditional model. Before writing, the
+command runs the model with onnxruntime on seeded latents against PyTorch's images: beyond the tolerance (10x PyTorch's
+own fp32-against-fp64 difference, at least 1e-5) it stops with an error and writes nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from sagan.checkpoint import load_checkpoint, networks_from_checkpoint, run_dir_
 from sagan.cli import parse_args, run_cli
 from sagan.config import arg
 from sagan.serving.folded import folded_generator
-from sagan.serving.onnx_export import export_onnx, onnx_difference
+from sagan.serving.onnx_export import TOLERANCE_FLOOR, TOLERANCE_ROUNDINGS, onnx_difference, onnx_model, onnx_tolerance
+from sagan.utils.atomic_files import atomic_write
 from sagan.utils.errors import UserError
 
 FORMATS = ("onnx",)
@@ -40,19 +42,28 @@ class ExportArgs:
 
 
 def export(args: Any) -> tuple[Path, float]:
-    """Write the file, check it; returns its path and the largest |onnxruntime - PyTorch| of the check."""
+    """Export, check against PyTorch, then write the file; returns its path and the largest |onnxruntime - PyTorch|
+    of the check. A model beyond the check's tolerance raises UserError and writes nothing."""
     if args.format not in FORMATS:
         raise UserError(f"unknown format '{args.format}': choose one of {', '.join(FORMATS)}")
     if args.check_n < 1:
         raise UserError(f"check_n must be >= 1, got {args.check_n}")
     state = load_checkpoint(args.ckpt)
-    out = Path(args.out) if args.out else run_dir_of(args.ckpt) / f"{'G_ema' if args.ema else 'G'}.onnx"
-    export_onnx(folded_generator(state, ema=args.ema), out, max_batch=args.max_batch)
+    net = "G_ema" if args.ema else "G"
+    out = Path(args.out) if args.out else run_dir_of(args.ckpt) / f"{net}.onnx"
+    model = onnx_model(folded_generator(state, ema=args.ema), max_batch=args.max_batch)
     reference, _ = networks_from_checkpoint(state, ema=args.ema, device=torch.device("cpu"))
-    difference, rounding = onnx_difference(out, reference, n=args.check_n, seed=args.seed)
-    print(f"{out}: {'G_ema' if args.ema else 'G'} of {args.ckpt} (step {state['trainer']['step']}); "
-          f"onnxruntime against PyTorch on {args.check_n} images: largest difference {difference:.2e} "
-          f"(PyTorch fp32 against fp64: {rounding:.2e})")  # fmt: skip
+    difference, rounding = onnx_difference(model, reference, n=args.check_n, seed=args.seed)
+    tolerance = onnx_tolerance(rounding)
+    checked = (f"onnxruntime against PyTorch on {args.check_n} images: largest difference {difference:.2e}, tolerance "
+               f"{tolerance:.2e} ({TOLERANCE_ROUNDINGS}x PyTorch's fp32-against-fp64 difference {rounding:.2e}, at least "
+               f"{TOLERANCE_FLOOR:.0e})")  # fmt: skip
+    if not difference <= tolerance:  # (a NaN fails too)
+        raise UserError(f"the ONNX model does not compute {net} of {args.ckpt}: {checked}; nothing written"
+                        f"{f' ({out} left as it was)' if out.exists() else ''}; please report it with your torch, "
+                        f"onnx and onnxruntime versions")  # fmt: skip
+    atomic_write(out, model)  # a failed write leaves an older file whole
+    print(f"{out}: {net} of {args.ckpt} (step {state['trainer']['step']}); {checked}")
     return out, difference
 
 

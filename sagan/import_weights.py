@@ -1,6 +1,7 @@
 """`sagan-import`: a PyTorch-StudioGAN run (its published SAGAN checkpoints) as a sagan checkpoint.
 
     sagan-import src=path/to/studiogan_run out=sagan_cifar10.pt                   # G, D and G_ema of the best step
+                                                                                  # (of the current one without best)
     sagan-import src=path/to/model=G-best-weights-step=90000.pth out=g.pt          # that file, and D beside it
     sagan-import src=path/to/studiogan_run which=current out=last.pt               # the last saved step
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra import compose, initialize_config_module
 from omegaconf import MISSING, OmegaConf
@@ -33,7 +34,10 @@ from sagan.utils.errors import UserError
 class ImportArgs:
     src: str = arg(MISSING, "a StudioGAN run folder, or one of its model=G-...pth files")
     out: str = arg(MISSING, "the sagan checkpoint to write (.pt)")
-    which: str = arg("best", "best or current: which of the run's checkpoints (a file given as src says it itself)")
+    which: Optional[str] = arg(
+        None, "best or current: which of the run's checkpoints; default best, or current when the run has no best "
+        "(a file given as src says it itself)"
+    )
 
 
 def import_run(args: Any) -> Path:
@@ -41,7 +45,10 @@ def import_run(args: Any) -> Path:
     out = Path(args.out).expanduser()
     if out.suffix != ".pt":
         raise UserError(f"out={args.out} must name a .pt file")
-    files, step = run_files(Path(args.src).expanduser(), args.which)
+    src = Path(args.src).expanduser()
+    files, step, which = run_files(src, args.which)
+    if args.which is None and src.is_dir() and which != "best":  # the default could not be followed: say so
+        print(f"which=current: {src} holds no model=G-best-... file, so its current checkpoint is imported")
     imported = convert_run(files)
     overrides = model_overrides(imported.model)
     data = data_guess(imported.model)
@@ -58,7 +65,7 @@ def import_run(args: Any) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, serialize(state))
     nets = ", ".join(net for net in ("G", "D", "G_ema") if net in files)
-    print(f"{nets} of {files['G'].parent} (StudioGAN, step {step}, {imported.source['cond_bn_layout']}) -> {out}")
+    print(f"{nets} of {files['G'].parent} (StudioGAN {which}, step {step}, {imported.source['cond_bn_layout']}) -> {out}")
     print(f"fine-tune it with: sagan-train {' '.join(overrides + data)} train.init_from={out}")
     return out
 

@@ -22,9 +22,9 @@ from omegaconf import MISSING
 
 from sagan.cli import parse_args, run_cli
 from sagan.config import arg
+from sagan.data.batch_stream import MAX_WORKERS, default_num_workers
 from sagan.data.datasets import named_dataset
 from sagan.data.preparation import Prepared, prepare
-from sagan.utils.processes import available_cpus
 from sagan.utils.errors import UserError
 
 
@@ -34,7 +34,9 @@ class PrepareArgs:
     out: str = arg(MISSING, "the zip to write (.zip)")
     resolution: int = arg(MISSING, "the training resolution the images are cropped and resized to")
     labels: bool = arg(True, "keep the classes in dataset.json (false: an unlabelled dataset)")
-    workers: Optional[int] = arg(None, "worker processes decoding and encoding images; default: one per CPU")
+    workers: Optional[int] = arg(
+        None, f"worker processes decoding and encoding images; default: one per CPU, at most {MAX_WORKERS} (as training's loader)"
+    )
     skip_bad: bool = arg(False, "leave unreadable files out (named in the log) instead of stopping at the first")
     data_root: str = arg("data", "where torchvision datasets are (or are downloaded to)")
     download: bool = arg(False, "download a torchvision dataset that is not under data_root")
@@ -52,7 +54,7 @@ def prepare_dataset(args: Any) -> Prepared:
         raise UserError(f"out={args.out} is the source itself: write the prepared zip elsewhere")
     if src.is_dir() and out.resolve().is_relative_to(src):
         raise UserError(f"out={args.out} is inside the source folder {args.src}: write the prepared zip outside it")
-    workers = available_cpus() if args.workers is None else args.workers
+    workers = default_num_workers() if args.workers is None else args.workers
     if workers < 0:
         raise UserError(f"workers must be >= 0 (0: the main process alone), got {workers}")
     dataset = named_dataset(

@@ -2,11 +2,12 @@
 scripts/studiogan_differences.py.
 
 `SAGAN_STUDIOGAN_SRC` names StudioGAN's src/ folder (in this workplace ../shared/peers/studiogan/src, which `.ci/run`
-sets; elsewhere `git clone https://github.com/POSTECH-CVLab/PyTorch-StudioGAN` and point it at src/). Its networks,
-configs, losses, optimizers, checkpoint names and training step are StudioGAN's own, used as they are. Nothing of
-StudioGAN is installed: the modules it imports for what a SAGAN never uses (its metrics, StyleGAN's compiled ops,
-plotting, t-SNE, W&B) and third-party packages that are not installed are replaced by empty stand-ins before its code
-is imported (a stand-in's every attribute is a no-op class, enough for `from x import y` at the top of a file).
+sets; elsewhere `git clone https://github.com/POSTECH-CVLab/PyTorch-StudioGAN` and point it at src/). Unset, the tests
+that need StudioGAN are skipped; set to any other folder, they fail (`require`). Its networks, configs, losses,
+optimizers, checkpoint names and training step are StudioGAN's own, used as they are. Nothing of StudioGAN is
+installed: the modules it imports for what a SAGAN never uses (its metrics, StyleGAN's compiled ops, plotting, t-SNE,
+W&B) and third-party packages that are not installed are replaced by empty stand-ins before its code is imported (a
+stand-in's every attribute is a no-op class, enough for `from x import y` at the top of a file).
 """
 
 from __future__ import annotations
@@ -36,9 +37,44 @@ _OPTIONAL = ("seaborn", "sklearn", "scipy", "tqdm", "kornia", "timm", "h5py", "p
 _MODULES = ("config", "utils.misc", "utils.ops", "utils.sample", "utils.losses", "models.model", "models.resnet", "worker")
 
 
+SKIP = f"StudioGAN's src/ not found: set {ENV}"
+
+
+class WrongSource(ValueError):
+    """SAGAN_STUDIOGAN_SRC is set to something that is not StudioGAN's src/ folder."""
+
+
 def source() -> Path | None:
+    """StudioGAN's src/ folder as SAGAN_STUDIOGAN_SRC names it; None when the variable is unset (or empty). Set to
+    anything else it raises WrongSource: a typo must fail, not turn the differential tests into skips."""
     path = os.environ.get(ENV)
-    return Path(path) if path and (Path(path) / "models" / "resnet.py").is_file() else None
+    if not path:
+        return None
+    src = Path(path)
+    if (src / "models" / "resnet.py").is_file() and (src / "configs").is_dir():
+        return src
+    hint = f" (did you mean {src / 'src'}?)" if (src / "src" / "models" / "resnet.py").is_file() else ""
+    raise WrongSource(
+        f"{ENV}={path} is not PyTorch-StudioGAN's src/ folder: expected models/resnet.py and configs/ in it{hint}; "
+        f"point it at src/ of a clone of https://github.com/POSTECH-CVLab/PyTorch-StudioGAN, or unset it to skip "
+        f"the tests that need StudioGAN"
+    )
+
+
+def require() -> Path:
+    """For a test: StudioGAN's src/. The test is skipped when SAGAN_STUDIOGAN_SRC is unset and fails (one line that
+    names the variable and what it must name) when it is set to anything else."""
+    import pytest
+
+    try:
+        src, wrong = source(), None
+    except WrongSource as e:
+        src, wrong = None, str(e)
+    if wrong:
+        pytest.fail(wrong, pytrace=False)  # outside the except: one line, without the chained WrongSource
+    if src is None:
+        pytest.skip(SKIP)
+    return src
 
 
 class _StandIn(types.ModuleType):

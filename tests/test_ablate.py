@@ -2,17 +2,17 @@
 evaluate, rebuild)."""
 
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 from scipy import stats
 
+from conftest import run_command
 from sagan.ablate import split_argv
 from sagan.ablation.report import RunResult, write_report
 from sagan.ablation.studies import variants
@@ -21,8 +21,6 @@ from sagan.data.demo import mirror_consistency
 from sagan.evaluation.sampling import draw
 from sagan.utils.errors import UserError
 
-WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
-needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs SAGAN_FID_WEIGHTS (offline FID Inception weights)")
 CONF = Path(__file__).resolve().parent.parent / "conf" / "ablation"
 
 
@@ -89,21 +87,32 @@ def test_table_rows_are_means_and_sample_stds_over_finished_runs(tmp_path):
     assert "| b | mirror consistency |" in md.read_text()
 
 
-def ablate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "sagan.ablate", "study=sn_g", "scale=demo", "seeds=1", f"out={tmp_path / 'study'}",
-        "n=12", "ref_n=12", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}",
-        "model.g_ch=4", "model.d_ch=4", "data.size=64", "train.batch_size=8", "logger.mode=disabled",
-        "logger.num_samples=4", "logger.attn_images=2", "mirror_n=16", *args,
-    ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def study_runner(tmp_path: Path, monkeypatch, capfd):
+    """`sagan-ablate` of a tiny sn_g study, in this process (its training runs are sagan-train processes, as always),
+    evaluated on the stand-in Inception network: call it with more arguments, get (exit status, stdout, stderr)."""
+
+    def ablate(*args: str) -> tuple[int, str, str]:
+        argv = [
+            "study=sn_g", "scale=demo", "seeds=1", f"out={tmp_path / 'study'}", "n=12", "ref_n=12",
+            f"metrics.cache_dir={tmp_path / 'cache'}", "model.g_ch=4", "model.d_ch=4", "data.size=64",
+            "train.batch_size=8", "logger.mode=disabled", "logger.num_samples=4", "logger.attn_images=2", "mirror_n=16", *args,
+        ]  # fmt: skip
+        return run_command("ablate", argv, monkeypatch, capfd)
+
+    return ablate
 
 
 @pytest.mark.slow
-@needs_weights
-def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path):
-    study = tmp_path / "study"
-    first = ablate(tmp_path, "train.steps=2", "variants=[sn,no_sn]")
+def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path, monkeypatch, capfd, stand_in_inception):
+    monkeypatch.chdir(tmp_path)
+    ablate, study = study_runner(tmp_path, monkeypatch, capfd), tmp_path / "study"
+    first = Result(*ablate("train.steps=2", "variants=[sn,no_sn]"))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "2 variants x 1 seeds = 2 runs, 0 finished" in first.stdout
     table = (study / "results.md").read_text()
@@ -122,19 +131,19 @@ def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path):
     assert (study / "results.png").exists()
     written = {run: (study / run / "eval.json").stat().st_mtime_ns for run in ("sn_g-sn_s0", "sn_g-no_sn_s0")}
 
-    again = ablate(tmp_path, "train.steps=2")  # same study: nothing to train, nothing to evaluate
+    again = Result(*ablate("train.steps=2"))  # same study: nothing to train, nothing to evaluate
     assert again.returncode == 0 and "2 runs, 2 finished" in again.stdout and "warning" not in again.stdout
     assert all((study / run / "eval.json").stat().st_mtime_ns == ns for run, ns in written.items())
-    other = ablate(tmp_path, "train.steps=2", "optim.lr_d=1e-3", "rebuild=true")  # other settings: named, kept
+    other = Result(*ablate("train.steps=2", "optim.lr_d=1e-3", "rebuild=true"))  # other settings: named, kept
     assert "sn_g-sn_s0 was trained with other settings (optim.lr_d)" in other.stdout and "2 finished" in other.stdout
     assert "running:" not in again.stdout and "evaluating" not in again.stdout
 
     shutil.rmtree(study / "sn_g-no_sn_s0" / "checkpoints")  # one run lost: only its variant is launched again
-    partial = ablate(tmp_path, "train.steps=2")
+    partial = Result(*ablate("train.steps=2"))
     assert partial.returncode == 0 and "2 runs, 1 finished" in partial.stdout
     assert "+ablation=sn_g-no_sn train.seed=0 " in partial.stdout and "evaluating 2/2: sn_g-no_sn_s0" in partial.stdout
 
-    longer = ablate(tmp_path, "train.steps=3")  # more steps: every run continues from its checkpoint
+    longer = Result(*ablate("train.steps=3"))  # more steps: every run continues from its checkpoint
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "2 runs, 0 finished" in longer.stdout and "2 of 2 runs finished" in longer.stdout
     assert "resumed from" in (study / "sn_g-sn_s0" / "train.log").read_text()
@@ -142,7 +151,7 @@ def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path):
     assert "| sn | 1 of 1 | 3 |" in table and "| no_sn | 1 of 1 | 3 |" in table
 
     (study / "sn_g-sn_s0" / "eval.json").unlink()
-    rebuilt = ablate(tmp_path, "train.steps=3", "rebuild=true")
+    rebuilt = Result(*ablate("train.steps=3", "rebuild=true"))
     assert rebuilt.returncode == 0 and "evaluating 1/2: sn_g-sn_s0" in rebuilt.stdout
     assert "running:" not in rebuilt.stdout and (study / "sn_g-sn_s0" / "eval.json").exists()
 
@@ -151,7 +160,7 @@ def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path):
     state = load_checkpoint(ckpt)
     state["config"]["data"]["name"] = "cifar10"
     torch.save(state, ckpt)  # a new checkpoint file: evaluated again
-    off_demo = ablate(tmp_path, "train.steps=3", "rebuild=true")
+    off_demo = Result(*ablate("train.steps=3", "rebuild=true"))
     assert off_demo.returncode == 0 and "evaluating 2/2: sn_g-no_sn_s0" in off_demo.stdout
     assert json.loads((study / "sn_g-no_sn_s0" / "eval.json").read_text())["mirror"]["value"] is None
     row = next(line for line in (study / "results.md").read_text().splitlines() if line.startswith("| no_sn seed 0 |"))

@@ -1,6 +1,11 @@
 """What a command prints when it fails: one line for the user's mistake (bad input, files, the machine), a traceback
 and a request to report it for a bug, a library's ValueError included."""
 
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,3 +55,26 @@ def test_hydra_full_error_shows_the_traceback_of_a_users_mistake(monkeypatch):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(UserError, match="bad"):
         run_cli(lambda: raise_(UserError("bad")))
+
+
+COMMANDS = ("train", "sample", "attention", "fid", "ablate", "import", "export", "prepare")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_console_script_is_installed_and_explains_itself(name):
+    """The process boundary, once per command: the installed console script starts and prints its help (every other
+    command-line test calls the same main() in-process, tests/conftest.py run_command)."""
+    script = Path(sys.executable).parent / f"sagan-{name}"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"sagan-{name}" in result.stdout or "Powered by Hydra" in result.stdout, result.stdout[:500]
+
+
+def test_a_command_run_again_in_one_process_leaves_no_log_handler_behind():
+    """A command's log handler writes to the stderr of its run: left behind, a later run in the same process (tests,
+    a notebook) would log to a closed stream."""
+    logger = logging.getLogger("sagan")
+    before = list(logger.handlers)
+    run_cli(lambda: logging.getLogger("sagan").info("progress"), log_to_stderr=True)
+    assert logger.handlers == before

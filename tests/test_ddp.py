@@ -101,14 +101,28 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path):
     assert_trained_alike(trainer_state(tmp_path / "resumed"), trainer_state(tmp_path / "single"))
 
 
+WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> Path:
+    """The 2-process run the tests below share: the tiny run, each process normalising by its own share of the batch,
+    with FID at steps 2 and 4 where the Inception weights are here (evaluation draws from its own seeded streams, so
+    it leaves the training as it is)."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    evaluation = ["eval.every=2", "eval.num_samples=10", "eval.ref_images=10", "eval.isc=false",
+                  f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    return train_two_processes(tmp_path, *(evaluation if WEIGHTS else []), name="plain")
+
+
 @pytest.mark.slow
-def test_sync_batchnorm_two_processes_match_one_process(tmp_path):
+def test_sync_batchnorm_two_processes_match_one_process(tmp_path, plain_run):
     ddp = train_two_processes(tmp_path, "dist.sync_bn=true")
     train(compose_config(*RUN, "dist.sync_bn=true"), tmp_path / "single")
     single = trainer_state(tmp_path / "single")
     assert_trained_alike(trainer_state(ddp), single)
     # Without SyncBatchNorm each process normalises by its own half of the batch: far from the 1-process result.
-    plain = trainer_state(train_two_processes(tmp_path, name="plain"))
+    plain = trainer_state(plain_run)
     assert max_difference(plain["D"], single["D"], plain["D"]) > 1e-3
 
 
@@ -160,19 +174,10 @@ def worker_pid(launcher: int, rank: int) -> int:
 
 
 @pytest.mark.slow
-def test_evaluation_during_a_two_process_run(tmp_path):
-    weights = os.environ.get("SAGAN_FID_WEIGHTS")
-    if not weights:
+def test_evaluation_during_a_two_process_run(plain_run):
+    if not WEIGHTS:
         pytest.skip("needs the offline FID Inception weights (SAGAN_FID_WEIGHTS)")
-    ddp = train_two_processes(
-        tmp_path,
-        "eval.every=2",
-        "eval.num_samples=10",
-        "eval.ref_images=10",
-        "eval.isc=false",
-        f"metrics.inception_weights={weights}",
-        f"metrics.cache_dir={tmp_path / 'cache'}",
-    )
+    ddp = plain_run
     lines = [line for line in (ddp / "metrics.jsonl").read_text().splitlines() if "metrics/fid" in line]
     assert len(lines) == 2  # steps 2 and 4, logged once (by rank 0)
     assert (ddp / "checkpoints" / "best.pt").is_file()
@@ -186,7 +191,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     if not weights:
         pytest.skip("needs the offline FID Inception weights (SAGAN_FID_WEIGHTS)")
     train(compose_config(*RUN, "train.steps=1", "model.conditional=true"), tmp_path / "run")
-    args = [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", "ref=train", "n=21", "isc=false", "kid=true",
+    args = [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", "ref=train", "n=21", "ref_n=15", "isc=false", "kid=true",
             f"metrics.inception_weights={weights}", "device=cpu"]  # fmt: skip
     # Separate caches: both compute their reference features (the two processes each half of them, gathered).
     torchrun("-m", "sagan.fid", *args, f"metrics.cache_dir={tmp_path / 'two'}", f"out={tmp_path / 'two.json'}", cwd=tmp_path)

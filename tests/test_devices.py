@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, run_command
 from fake_gpu import fake_gpus
 from sagan.utils.errors import UserError
 from sagan.utils.processes import World, init_distributed, resolve_device
@@ -85,17 +85,6 @@ def test_two_processes_pass_pytorchs_checks_and_reach_nccl(tmp_path):
         assert "NCCL" in line and "index" not in line and "device_id" not in line, line
 
 
-def run_command(module: str, argv: list[str], monkeypatch, capsys) -> str:
-    """`python -m sagan.<module> argv` in this process; returns what it printed to stderr (it must fail: no GPU)."""
-    import importlib
-
-    monkeypatch.setattr(sys, "argv", [module, *argv])
-    with pytest.raises(SystemExit) as exit_:
-        importlib.import_module(f"sagan.{module}").main()
-    assert exit_.value.code == 1
-    return capsys.readouterr().err
-
-
 @pytest.mark.parametrize("command", ["train", "fid", "sample", "attention"])
 def test_every_command_reaches_the_gpu_with_device_auto(command, trained, one_process, tmp_path, monkeypatch, capsys):
     """Each command with device=auto on a one-GPU machine gets as far as the first tensor on the GPU: every device
@@ -108,7 +97,8 @@ def test_every_command_reaches_the_gpu_with_device_auto(command, trained, one_pr
         "attention": [ckpt, f"out={tmp_path / 'attention'}"],
     }[command]
     with fake_gpus(1) as chosen:
-        stderr = run_command(command, [*argv, "device=auto"], monkeypatch, capsys)
+        code, _, stderr = run_command(command, [*argv, "device=auto"], monkeypatch, capsys)
+    assert code == 1
     assert "NoGPU: the first CUDA initialisation" in stderr, stderr
     assert "Expected a torch.device" not in stderr
     assert chosen == ([0] if command in ("train", "fid") else [])  # the commands that may run under torchrun

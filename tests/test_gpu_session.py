@@ -70,7 +70,7 @@ def test_the_gpu_session_rehearsed_on_the_cpu_brings_back_what_the_fid_table_nee
                    "[INFO] > FID score (Step: 4, Using test moments): 37.715\n")  # fmt: skip
     curve = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "studiogan_curve.py"), "--snapshots", str(out), "--ref", str(data),
-         "--log", str(log), "--weights", weights, "--n", "16", "--device", "cpu", "--out", str(tmp_path / "curve.png")],
+         "--log", str(log), "--weights", weights, "--n", "16", "--ref-n", "16", "--device", "cpu", "--out", str(tmp_path / "curve.png")],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert curve.returncode == 0, curve.stdout[-3000:] + curve.stderr[-3000:]

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import run_command
 from sagan.attention import AttentionArgs, render_checkpoint
 from sagan.cli import parse_args
 from sagan.config import LoggerConfig
@@ -119,15 +120,14 @@ def test_sagan_attention_from_checkpoint(tiny_cfg, tmp_path):
     assert Image.open(paths[0]).size == (5 * 96, 3 * 96 + 16)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"not a checkpoint", "truncated or corrupt")])
-def test_sagan_attention_fails_clearly(tmp_path, content, message):
+def test_sagan_attention_fails_clearly(tmp_path, content, message, monkeypatch, capsys):
     path = tmp_path / "x.pt"
     if content is not None:
         path.write_bytes(content)
-    result = subprocess.run([sys.executable, "-m", "sagan.attention", f"ckpt={path}"], capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: ") and message in result.stderr and len(result.stderr.splitlines()) == 1
+    code, _, stderr = run_command("attention", [f"ckpt={path}"], monkeypatch, capsys)
+    assert code == 1
+    assert stderr.startswith("error: ") and message in stderr and len(stderr.splitlines()) == 1
 
 
 def test_sagan_attention_rejects_foreign_checkpoint(tmp_path):

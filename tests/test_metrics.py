@@ -1,7 +1,7 @@
 import importlib
 import json
 import os
-import subprocess
+import shutil
 import sys
 import time
 
@@ -12,6 +12,7 @@ from PIL import Image
 from scipy import linalg
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
+from conftest import run_command, symmetric_fid
 from sagan.checkpoint import load_checkpoint
 from sagan.data.dataset_base import DatasetError
 from sagan.cli import parse_args
@@ -34,7 +35,6 @@ from sagan.training.loop import train
 from sagan.utils.errors import UserError
 
 WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
-needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs SAGAN_FID_WEIGHTS (offline FID Inception weights)")
 TRAIN_ZIP, TEST_ZIP = os.environ.get("SAGAN_CIFAR10_ZIP"), os.environ.get("SAGAN_CIFAR10_TEST_ZIP")
 
 
@@ -60,6 +60,18 @@ def test_fid_of_the_engine_matches_the_closed_form_on_known_gaussians():
     stats_a = fid_features_to_statistics(torch.from_numpy(rng.normal(0.0, 1.0, size=(200_000, d))))
     population = fid_statistics_to_metric(stats_a, stats_c, verbose=False)["frechet_inception_distance"]
     assert population == pytest.approx(d * 0.25 + d * 1.0, rel=0.02)
+
+
+@pytest.mark.parametrize("n", [20, 400])  # rank-deficient covariances (fewer images than dimensions), and full rank
+def test_the_stand_in_fid_formula_is_torch_fidelitys(n):
+    """tests/conftest.py's symmetric_fid, which the stand-in evaluations use, gives torch-fidelity's FID."""
+    rng = np.random.default_rng(n)
+    a = rng.normal(0.0, 1.0, size=(n, 64))
+    b = rng.normal(0.3, 1.5, size=(n, 64)) @ rng.normal(size=(64, 64)) / 8
+    a[:, 48:], b[:, 56:] = 0.0, 2.0  # dimensions that do not vary: in one set, in both (where only the means differ)
+    stats = [fid_features_to_statistics(torch.from_numpy(x)) for x in (a, b)]
+    ours = symmetric_fid(*stats)["frechet_inception_distance"]
+    assert ours == pytest.approx(fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"], rel=1e-6)
 
 
 def zero_classifier_weights(tmp_path):
@@ -168,15 +180,13 @@ def test_statistics_files_without_mu_and_sigma_or_of_another_size_are_refused(tm
         load_reference_file(tmp_path / "stats.npz")
 
 
-@pytest.mark.slow
-def test_a_bad_statistics_file_is_one_line_and_a_non_zero_exit(tmp_path):
+def test_a_bad_statistics_file_is_one_line_and_a_non_zero_exit(tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "stats.npz", m=np.zeros(3))
     write_images(tmp_path / "gen", 2, 32)
-    command = [sys.executable, "-m", "sagan.fid", f"gen={tmp_path / 'gen'}", f"ref={tmp_path / 'stats.npz'}", "isc=false"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: statistics file") and "has no mu or sigma" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    code, _, stderr = run_command("fid", [f"gen={tmp_path / 'gen'}", f"ref={tmp_path / 'stats.npz'}", "isc=false"], monkeypatch, capsys)
+    assert code == 1
+    assert stderr.startswith("error: statistics file") and "has no mu or sigma" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
 
 
 @pytest.mark.parametrize("module, keys", [
@@ -198,13 +208,12 @@ def test_every_command_explains_itself_with_help(module, keys, capsys, monkeypat
     assert "true" in rows["ema"] and "True" not in rows["ema"]  # booleans as users type them
 
 
-@needs_weights
-def test_fid_of_a_set_against_itself_is_zero(tmp_path):
+def test_fid_of_a_set_against_itself_is_zero(tmp_path, stand_in_inception):
     write_images(tmp_path / "a", 24, 32)
-    args = ["isc=true", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'm.json'}"]
+    args = ["isc=true", f"metrics.inception_weights={zero_classifier_weights(tmp_path)}", f"metrics.cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'm.json'}"]
     result = evaluate(fid_args(f"gen={tmp_path / 'a'}", f"ref={tmp_path / 'a'}", *args))
     assert abs(result["metrics"]["fid"]) < 1e-2
-    assert result["isc_skipped"] and "is" not in result["metrics"]  # the offline weights have no classifier: no IS
+    assert result["isc_skipped"] and "is" not in result["metrics"]  # weights without a classifier: no IS
     written = json.loads((tmp_path / "m.json").read_text())
     assert written["protocol"]["num_samples"] == 24 and written["protocol"]["feature_extractor"] == "inception-v3-compat"
 
@@ -216,12 +225,11 @@ def test_inception_score_alone_with_an_all_zero_classifier_is_refused_saying_why
         evaluate(fid_args(f"gen={tmp_path / 'a'}", f"ref={tmp_path / 'a'}", "isc=true", "fid=false", f"metrics.inception_weights={weights}"))
 
 
-@needs_weights
-def test_conditional_checkpoint_evaluates_and_reference_statistics_are_cached(tmp_path, tiny_cfg):
+def test_conditional_checkpoint_evaluates_and_reference_statistics_are_cached(tmp_path, tiny_cfg, stand_in_inception):
     train(tiny_cfg("train.steps=1", "model.conditional=true"), tmp_path / "run")
     write_images(tmp_path / "ref", 20, 32)
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    args = [f"ckpt={ckpt}", f"ref={tmp_path / 'ref'}", "n=20", "isc=false", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]
+    args = [f"ckpt={ckpt}", f"ref={tmp_path / 'ref'}", "n=20", "isc=false", f"metrics.cache_dir={tmp_path / 'cache'}"]
     first = evaluate(fid_args(*args))
     assert first["metrics"]["fid"] > 0 and (tmp_path / "run" / "metrics.json").is_file()
     assert not first["reference_cached"] and len(list((tmp_path / "cache").iterdir())) == 1
@@ -230,29 +238,27 @@ def test_conditional_checkpoint_evaluates_and_reference_statistics_are_cached(tm
     assert again["metrics"]["fid"] == pytest.approx(first["metrics"]["fid"], rel=1e-6)  # same seed, same samples
 
 
-@needs_weights
-def test_in_training_fid_equals_sagan_fid_of_the_checkpoint_with_the_cached_reference(tmp_path, tiny_cfg, caplog):
+def test_in_training_fid_equals_sagan_fid_of_the_checkpoint_with_the_cached_reference(tmp_path, tiny_cfg, caplog, stand_in_inception):
     """The one evaluation path: FID logged at step 2 equals `sagan-fid ckpt=<step 2> ref=train` with the same n,
     reference subset and seed, and sagan-fid reads the statistics training cached."""
     cache = f"metrics.cache_dir={tmp_path / 'cache'}"
     cfg = tiny_cfg("train.steps=2", "train.ckpt_every=2", "eval.every=2", "eval.num_samples=20", "eval.ref_images=16",
-                   "train.seed=3", f"metrics.inception_weights={WEIGHTS}", cache)  # fmt: skip
+                   "train.seed=3", cache)  # fmt: skip
     train(cfg, tmp_path / "run")
     logged = next(json.loads(r)["metrics/fid"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "metrics/fid" in r)
     caplog.set_level("INFO", logger="sagan")
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000002.pt"
     # ref=train takes the run's reference subset (eval.ref_images, drawn with train.seed); the samples' seed is ours.
-    result = evaluate(fid_args(f"ckpt={ckpt}", "ref=train", "n=20", f"seed={cfg.train.seed}", "isc=false", f"metrics.inception_weights={WEIGHTS}", cache))
+    result = evaluate(fid_args(f"ckpt={ckpt}", "ref=train", "n=20", f"seed={cfg.train.seed}", "isc=false", cache))
     assert result["reference_cached"] and "reference statistics of train: cached in" in caplog.text
     assert abs(result["metrics"]["fid"] - logged) < 1e-4, (result["metrics"]["fid"], logged)
     assert "generated images 20/20 |" in caplog.text and "img/s" in caplog.text  # progress is shown
 
 
-@needs_weights
-def test_statistics_file_gives_the_fid_of_its_images_and_smaller_references_are_resized(tmp_path, capsys):
+def test_statistics_file_gives_the_fid_of_its_images_and_smaller_references_are_resized(tmp_path, capsys, stand_in_inception):
     write_images(tmp_path / "ref", 24, 28)  # 28 px references for 32 px generated images: resized like training data
     write_images(tmp_path / "gen", 24, 32, seed=1)
-    common = [f"gen={tmp_path / 'gen'}", "isc=false", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]
+    common = [f"gen={tmp_path / 'gen'}", "isc=false", f"metrics.cache_dir={tmp_path / 'cache'}"]
     folder = evaluate(fid_args(*common, f"ref={tmp_path / 'ref'}", f"save_ref={tmp_path / 'ref.npz'}", f"out={tmp_path / 'a.json'}"))
     assert folder["protocol"]["notes"] == ["reference resized from 28 px"]
     assert "reference resized from 28 px" in capsys.readouterr().out
@@ -265,29 +271,29 @@ def test_statistics_file_gives_the_fid_of_its_images_and_smaller_references_are_
 
 @pytest.mark.slow
 @pytest.mark.skipif(None in (WEIGHTS, TRAIN_ZIP, TEST_ZIP), reason="needs the offline CIFAR-10 zips and FID weights")
-def test_cifar10_train_vs_test_and_untrained_generator(tmp_path, tiny_cfg, capsys):
-    """FID(train, test) on 500 + 500 images of the JPEG CIFAR-10 copy is small; an untrained G is far worse."""
-    common = ["ref_n=500", "isc=false", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]
+def test_cifar10_train_vs_test_and_untrained_generator(tmp_path, trained, capsys):
+    """The real network on real data: FID(test, train) on 200 + 200 images of the JPEG CIFAR-10 copy is far below the
+    FID of an untrained G against the same 200 training images (cached: computed once)."""
+    common = ["ref_n=200", "n=200", "isc=false", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]
     start = time.perf_counter()
-    real = evaluate(fid_args(f"gen={TEST_ZIP}", "n=500", f"ref={TRAIN_ZIP}", *common, f"out={tmp_path / 'real.json'}"))
+    real = evaluate(fid_args(f"gen={TEST_ZIP}", f"ref={TRAIN_ZIP}", *common, f"out={tmp_path / 'real.json'}"))
     seconds = time.perf_counter() - start
-    train(tiny_cfg("train.steps=1", "model.g_ch=8"), tmp_path / "run")
-    fake = evaluate(fid_args(f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", f"ref={TRAIN_ZIP}", "n=500", *common))
+    fake = evaluate(fid_args(f"ckpt={trained['uncond']}", f"ref={TRAIN_ZIP}", *common, f"out={tmp_path / 'fake.json'}"))
     with capsys.disabled():
-        print(f"\nFID(CIFAR-10 test, train 500) = {real['metrics']['fid']:.2f} in {seconds:.0f} s; untrained G: {fake['metrics']['fid']:.1f}")
-    assert 50 < real["metrics"]["fid"] < 100  # measured 75.5: 500 images per side bias FID far above the ~3 of 50k
-    assert fake["metrics"]["fid"] > 200
+        print(f"\nFID(CIFAR-10 test 200, train 200) = {real['metrics']['fid']:.2f} in {seconds:.0f} s; untrained G: {fake['metrics']['fid']:.1f}")
+    assert fake["reference_cached"]
+    assert 80 < real["metrics"]["fid"] < 200  # 124.9 here (2026-12-06): 200 images a side bias FID far above 50k's ~3
+    assert fake["metrics"]["fid"] > 2 * real["metrics"]["fid"]
 
 
-@needs_weights
-def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path, tiny_cfg):
+def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path, tiny_cfg, stand_in_inception):
     overrides = ["train.steps=2", "train.ckpt_every=100", "eval.every=1", "eval.num_samples=8", "eval.ref_images=8",
-                 f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+                 f"metrics.inception_weights={zero_classifier_weights(tmp_path)}", f"metrics.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     train(tiny_cfg(*overrides), tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     fids = [(row["step"], row["metrics/fid"]) for row in rows if "metrics/fid" in row]
     assert [step for step, _ in fids] == [1, 2] and all(f > 0 for _, f in fids)
-    assert not any("metrics/is" in row for row in rows)  # the offline weights cannot give IS: skipped
+    assert not any("metrics/is" in row for row in rows)  # weights without a classifier cannot give IS: skipped
     best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     assert best["best_fid"] == min(f for _, f in fids)
     assert best["trainer"]["step"] == min(fids, key=lambda sf: sf[1])[0]
@@ -298,18 +304,16 @@ def write_class_folders(root, names, n, size):
         write_images(root / name, n, size, seed=10 + k)
 
 
-@needs_weights
-def test_intra_fid_is_each_class_sampled_and_scored_on_its_own(tmp_path, tiny_cfg, capsys):
+def test_intra_fid_is_each_class_sampled_and_scored_on_its_own(tmp_path, trained, capsys, stand_in_inception):
     """intra=true gives class k the FID of `sagan-sample class=k seed=<seed+k>` against that class's folder, and
     their mean: the same numbers through another path (PNG files and sagan-fid gen=)."""
     from sagan.sample import SampleArgs, sample
 
-    train(tiny_cfg("train.steps=1", "model.conditional=true"), tmp_path / "run")
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = trained["cond"]
     names = ["circle", "square", "triangle"]  # the demo's 3 classes (folder order: sorted names)
     write_class_folders(tmp_path / "ref", names, 6, 32)
-    common = ["isc=false", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]
-    result = evaluate(fid_args(f"ckpt={ckpt}", f"ref={tmp_path / 'ref'}", "n=9", "seed=4", "intra=true", *common))
+    common = ["isc=false", f"metrics.cache_dir={tmp_path / 'cache'}"]
+    result = evaluate(fid_args(f"ckpt={ckpt}", f"ref={tmp_path / 'ref'}", "n=9", "seed=4", "intra=true", f"out={tmp_path / 'i.json'}", *common))
     classes = result["classes"]
     assert list(classes) == names and all(c["samples"] == 3 and c["reference_images"] == 6 for c in classes.values())
     assert result["metrics"]["intra_fid"] == pytest.approx(sum(c["fid"] for c in classes.values()) / 3)
@@ -323,14 +327,14 @@ def test_intra_fid_is_each_class_sampled_and_scored_on_its_own(tmp_path, tiny_cf
         assert alone["metrics"]["fid"] == pytest.approx(classes[name]["fid"], rel=1e-4), name
 
 
-@needs_weights
-def test_truncation_curve_rows_are_the_single_truncation_evaluations(tmp_path, tiny_cfg, capsys):
+def test_truncation_curve_rows_are_the_single_truncation_evaluations(tmp_path, trained, capsys, stand_in_inception):
     from sagan.fid import truncation_list
 
-    train(tiny_cfg("train.steps=1"), tmp_path / "run")
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"  # a copy: the curve's files are written beside it
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(trained["uncond"], ckpt)
     write_images(tmp_path / "ref", 10, 32)
-    common = [f"ckpt={ckpt}", f"ref={tmp_path / 'ref'}", "n=10", "isc=false", f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}"]
+    common = [f"ckpt={ckpt}", f"ref={tmp_path / 'ref'}", "n=10", "isc=false", f"metrics.cache_dir={tmp_path / 'cache'}"]
     curve = evaluate(fid_args(*common, "truncation=[0.5,2.0]"))
     printed = capsys.readouterr().out
     assert [row["truncation"] for row in curve["truncation"]] == [0.5, 2.0] and "metrics" not in curve
@@ -343,10 +347,8 @@ def test_truncation_curve_rows_are_the_single_truncation_evaluations(tmp_path, t
     assert curve["truncation"][0]["metrics"]["fid"] != pytest.approx(curve["truncation"][1]["metrics"]["fid"], rel=1e-3)
 
 
-def test_intra_fid_refuses_what_it_cannot_compute_in_one_line(tmp_path, tiny_cfg):
-    train(tiny_cfg("train.steps=1"), tmp_path / "uncond")
-    train(tiny_cfg("train.steps=1", "model.conditional=true"), tmp_path / "cond")
-    uncond, cond = (tmp_path / r / "checkpoints" / "last.pt" for r in ("uncond", "cond"))
+def test_intra_fid_refuses_what_it_cannot_compute_in_one_line(tmp_path, trained):
+    uncond, cond = trained["uncond"], trained["cond"]
     write_images(tmp_path / "flat", 4, 32)
     write_class_folders(tmp_path / "two", ["a", "b"], 2, 32)
     np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))

@@ -3,8 +3,6 @@
 import io
 import json
 import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -15,8 +13,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import Dataset
 
-from conftest import compose_config
-from sagan.cli import parse_args
+import sagan.prepare
+from conftest import compose_config, run_command
+from sagan.cli import parse_args, usage
 from sagan.data import preparation
 from sagan.data.batch_stream import BatchStream
 from sagan.data.dataset_base import DatasetError
@@ -220,13 +219,34 @@ def test_bad_arguments_are_one_line(argv, message, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.slow
-def test_sagan_prepare_command(tmp_path):
-    command = [f"{sys.prefix}/bin/sagan-prepare"]
-    shown = subprocess.run([*command, "--help"], capture_output=True, text=True)
-    assert shown.returncode == 0 and "sagan-prepare src=" in shown.stdout and "skip_bad" in shown.stdout
+def test_sagan_prepare_command(tmp_path, monkeypatch, capsys):
+    code, out, _ = run_command("prepare", ["--help"], monkeypatch, capsys)
+    assert code == 0 and "sagan-prepare src=" in out and "skip_bad" in out
     src = class_tree(tmp_path / "src", per_class=2)
-    done = subprocess.run([*command, f"src={src}", f"out={tmp_path / 'p.zip'}", "resolution=16"], capture_output=True, text=True)
-    assert done.returncode == 0 and "4 images written to" in done.stdout and "prepared images 4/4" in done.stderr
-    bad = subprocess.run([*command, f"src={src}", "out=p.tar", "resolution=16"], capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "must name a .zip file" in bad.stderr
+    code, out, err = run_command("prepare", [f"src={src}", f"out={tmp_path / 'p.zip'}", "resolution=16"], monkeypatch, capsys)
+    assert code == 0 and "4 images written to" in out and "prepared images 4/4" in err
+    code, _, err = run_command("prepare", [f"src={src}", "out=p.tar", "resolution=16"], monkeypatch, capsys)
+    assert code == 1 and err.count("\n") == 1 and "must name a .zip file" in err
+
+
+def test_default_workers_are_the_loaders_one_per_cpu_at_most_8(tmp_path, monkeypatch):
+    """A 64-CPU node starts 8 workers, as training's loader would (more rarely help, and each holds memory); an
+    explicit workers= still wins; the help says so."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    started: list[int] = []
+
+    class Started(Exception):
+        pass
+
+    def prepare(dataset, out, *, job, workers, skip_bad):
+        started.append(workers)
+        raise Started  # the count is all this test needs: stop before any work
+
+    monkeypatch.setattr(sagan.prepare, "prepare", prepare)
+    for workers in ([], ["workers=12"], ["workers=0"]):
+        with pytest.raises(Started):
+            run("src=demo", f"out={tmp_path / 'p.zip'}", "resolution=8", *workers)
+    assert started == [8, 12, 0]
+    assert "one per CPU, at most 8" in usage(PrepareArgs, "")

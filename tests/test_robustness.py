@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -8,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import PixelFeatures
 from sagan.checkpoint import load_checkpoint
 from sagan.training.loop import train
 from sagan.training.divergence import Diverged
 from sagan.training.step import Trainer
+from test_ddp import worker_pid
 
 
 @pytest.fixture
@@ -161,3 +164,99 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_bad_checkpoint(tmp_path
     assert proc.returncode == 0, out
     assert load_checkpoint(ckpts / "last.pt")["trainer"]["step"] == step + 1
     assert not any(p.name.endswith(".tmp") for p in ckpts.iterdir())  # partial files of killed runs are cleaned up
+
+
+# --- a stop request during an evaluation -----------------------------------------------------------------------------
+
+
+STAND_IN_FORWARD = PixelFeatures.forward  # before any test wraps it
+
+
+def signal_in_batch(monkeypatch, calls: list[int], signal_at: int) -> None:
+    """The stand-in Inception network (tests/conftest.py) counts the batches it sees and sends this process SIGTERM
+    from inside its `signal_at`-th batch, as a cluster does during a long FID (0: never)."""
+
+    def counting(self, images):
+        calls.append(len(images))
+        if len(calls) == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return STAND_IN_FORWARD(self, images)
+
+    monkeypatch.setattr(PixelFeatures, "forward", counting)
+
+
+# 16 reference images, then 32 generated ones, 4 per batch: batches 1-4 are the reference's, 5-12 the samples'.
+EVAL = ["train.ckpt_every=100", "eval.every=2", "eval.num_samples=32", "eval.ref_images=16", "eval.isc=false",
+        "metrics.batch_size=4"]  # fmt: skip
+
+
+def stopped_in_evaluation(run: Path, caplog) -> None:
+    """The run stopped at step 2, during its evaluation: last.pt of that step, and nothing of the evaluation."""
+    assert "step 2: evaluation abandoned at" in caplog.text and "stopped by SIGTERM at step 2" in caplog.text
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 2
+    assert not (run / "checkpoints" / "best.pt").exists()  # an abandoned evaluation is no evaluation
+    assert "metrics/fid" not in (run / "metrics.jsonl").read_text()
+
+
+def test_sigterm_during_an_evaluation_abandons_it_checkpoints_that_step_and_resumes(
+    tiny_cfg, tmp_path, monkeypatch, caplog, stand_in_inception
+):
+    caplog.set_level("INFO", logger="sagan")
+    run, cache = tmp_path / "run", f"metrics.cache_dir={tmp_path / 'cache'}"
+    calls: list[int] = []
+    signal_in_batch(monkeypatch, calls, signal_at=6)  # the second batch of samples
+    assert train(tiny_cfg("train.steps=4", *EVAL, cache), run)["step"] == 2
+    assert len(calls) == 6  # not one batch after the request
+    stopped_in_evaluation(run, caplog)
+    # Resumed, it evaluates at its next eval.every step (as if none had been due at step 2), from the cached reference.
+    calls.clear()
+    signal_in_batch(monkeypatch, calls, signal_at=0)
+    assert train(tiny_cfg("train.steps=4", "train.resume=auto", *EVAL, cache), run)["step"] == 4
+    assert len(calls) == 8
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "metrics/fid" in row] == [4]
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["trainer"]["step"] == 4
+
+
+def test_sigterm_during_the_reference_statistics_abandons_them_uncached(
+    tiny_cfg, tmp_path, monkeypatch, caplog, stand_in_inception
+):
+    caplog.set_level("INFO", logger="sagan")
+    calls: list[int] = []
+    signal_in_batch(monkeypatch, calls, signal_at=2)  # the second batch of reference images
+    assert train(tiny_cfg("train.steps=4", *EVAL, f"metrics.cache_dir={tmp_path / 'cache'}"), tmp_path / "run")["step"] == 2
+    assert len(calls) == 2
+    stopped_in_evaluation(tmp_path / "run", caplog)
+    assert "reference statistics of train: abandoned, nothing cached" in caplog.text
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # never a part of the reference
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_during_an_evaluation_stops_every_rank_promptly(tmp_path):
+    """Under torchrun the ranks gather features at the end of an evaluation: a signal that reaches one rank alone must
+    make all of them give up the evaluation at the same batch (none left waiting in the gather) and checkpoint."""
+    weights = os.environ.get("SAGAN_FID_WEIGHTS")
+    if not weights:
+        pytest.skip("needs the offline FID Inception weights (SAGAN_FID_WEIGHTS)")
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sagan.train",
+               *ARGS, "train.steps=4", "train.ckpt_every=100", "data.num_workers=0", "eval.every=2",
+               "eval.num_samples=4000", "eval.ref_images=8", "eval.isc=false", "metrics.batch_size=4",
+               f"metrics.inception_weights={weights}", f"metrics.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"]  # fmt: skip
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = []
+        for line in launcher.stdout:
+            output.append(line)
+            if "generated images" in line:  # rank 0's first progress line: 10 s into the samples, of minutes
+                break
+        os.kill(worker_pid(launcher.pid, rank=1), signal.SIGTERM)
+        assert launcher.wait(timeout=30) == 0  # within a cluster's grace period
+    finally:
+        if launcher.poll() is None:  # torchrun passes SIGTERM on, then kills its workers after 30 s
+            launcher.terminate()
+            launcher.wait(timeout=120)
+    text = "".join(output) + launcher.stdout.read()
+    assert "step 2: evaluation abandoned at generated images" in text and "stopped by a signal to another rank" in text
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 2
+    assert not (run / "checkpoints" / "best.pt").exists() and "metrics/fid" not in (run / "metrics.jsonl").read_text()

@@ -1,7 +1,8 @@
 """One writer per run directory, and a full disk that loses nothing: a second trainer on a live run is refused before
 any work, a killed holder does not block the next start, a filesystem without locks is reported, and running out of
 space while writing a checkpoint, images or metrics.jsonl stops the run in one line with the last good checkpoint
-whole, from which train.resume=auto continues."""
+whole, from which train.resume=auto continues (through a mocked ENOSPC for every file; for a checkpoint also through
+the kernel's own, /dev/full, and on a small tmpfs where mounting is allowed)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sagan.training import run_lock
+from sagan.training import assembly, run_lock
 from sagan.utils import directory_lock
 from sagan.utils.atomic_files import DiskFull, atomic_write, space_for
 from sagan.checkpoint import load_checkpoint
@@ -214,3 +215,43 @@ def test_a_real_full_disk_on_a_small_tmpfs(tmp_path):
         assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 4
     finally:
         subprocess.run(["umount", "-l", str(run)], capture_output=True)
+
+
+def test_a_real_full_disk_through_dev_full(tiny_cfg, tmp_path, monkeypatch):
+    """A real ENOSPC from the kernel, with no mock of the writes and no mount: the temporary file the checkpoint
+    writer writes step 4 through (`.<name>.<pid>.tmp` beside it, sagan.utils.atomic_files) is a symlink to /dev/full,
+    whose every write fails with ENOSPC. The run stops in one line naming the checkpoint, the last good one is
+    untouched and loads, no temporary file (nor the link) is left, and with space again the same command continues.
+
+    The link is planted right after the run's start-up cleanup (checkpoint.remove_partial, which deletes what a killed
+    run left, links included: checked here too), the only thing wrapped."""
+    if not Path("/dev/full").is_char_device():
+        pytest.skip("no /dev/full here (Linux's device that fails every write with ENOSPC)")
+    ckpts = tmp_path / "checkpoints"
+    train(tiny_cfg("train.steps=2", "train.ckpt_every=2"), tmp_path)
+    good = (ckpts / "last.pt").read_bytes()
+    target = ckpts / "step_0000004.pt"
+    link = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    real_remove_partial = assembly.remove_partial
+
+    def remove_partial_then_plant(ckpt_dir: Path) -> None:
+        link.symlink_to("/dev/full")
+        real_remove_partial(ckpt_dir)
+        assert not link.is_symlink()  # a link left by a killed run is cleaned up like any temporary file
+        link.symlink_to("/dev/full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(assembly, "remove_partial", remove_partial_then_plant)
+        with pytest.raises(DiskFull) as error:
+            train(tiny_cfg("train.steps=4", "train.ckpt_every=2", "train.resume=auto"), tmp_path)
+    message = one_line(error.value)
+    assert message == str(error.value) and "\n" not in message
+    assert f"no space left on the device writing {target}: it needs " in message, message
+    assert "(no space left on device)" in message and f"hydra.run.dir={tmp_path} train.resume=auto" in message
+    assert error.value.errno == errno.ENOSPC
+    assert (ckpts / "last.pt").read_bytes() == good  # the last good checkpoint, untouched
+    assert load_checkpoint(ckpts / "last.pt")["trainer"]["step"] == 2
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "step_0000002.pt"]  # no .tmp, no link, no step 4
+    assert not list(tmp_path.rglob(".*.tmp"))
+    assert train(tiny_cfg("train.steps=4", "train.ckpt_every=2", "train.resume=auto"), tmp_path)["step"] == 4
+    assert load_checkpoint(target)["trainer"]["step"] == 4

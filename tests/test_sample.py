@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import run_command
 from sagan.cli import parse_args
 from sagan.data.images import to_uint8
 from sagan.evaluation.sampling import draw, interpolations, latents, slerp
@@ -14,17 +15,9 @@ from sagan.sample import SampleArgs, sample
 from sagan.utils.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def conditional_ckpt(tmp_path_factory):
-    from conftest import compose_config
-    from sagan.training.loop import train
-
-    run = tmp_path_factory.mktemp("run")
-    overrides = ["experiment=demo", "model.g_ch=4", "model.d_ch=4", "data.size=16", "train.batch_size=4",
-                 "train.steps=1", "logger.num_samples=4", "logger.attn_images=1", "logger.mode=disabled",
-                 "model.conditional=true"]  # fmt: skip
-    train(compose_config(*overrides), run)
-    return run / "checkpoints" / "last.pt"
+@pytest.fixture
+def conditional_ckpt(trained):
+    return trained["cond"]
 
 
 def args(*argv):
@@ -71,17 +64,13 @@ def test_formats(conditional_ckpt, tmp_path):
         sample(args(f"ckpt={conditional_ckpt}", "format=gif"))
 
 
-@pytest.mark.slow
-def test_cli_class_argument(conditional_ckpt, tmp_path):
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "sagan.sample", f"ckpt={conditional_ckpt}", "n=3", f"out={tmp_path}", "class=2", "format=npz"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+def test_cli_class_argument(conditional_ckpt, tmp_path, monkeypatch, capsys):
+    argv = [f"ckpt={conditional_ckpt}", "n=3", f"out={tmp_path}", "format=npz"]
+    code, _, stderr = run_command("sample", [*argv, "class=2"], monkeypatch, capsys)
+    assert code == 0, stderr
     assert np.load(tmp_path / "samples.npz")["labels"].tolist() == [2, 2, 2]
-    bad = subprocess.run([*cmd[:-2], "class=7"], capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: class must be 'all' or an index")
+    code, _, stderr = run_command("sample", [*argv, "class=7"], monkeypatch, capsys)
+    assert code == 1 and stderr.startswith("error: class must be 'all' or an index")
 
 
 def test_the_first_images_of_a_larger_sample_are_the_images_of_a_smaller_one():

@@ -1,7 +1,8 @@
 """sagan against PyTorch-StudioGAN's own code (tests/studiogan_peer.py builds it from SAGAN_STUDIOGAN_SRC, which
-.ci/run sets; these tests are skipped without it): its SAGAN networks with weights moved away from their init, saved
-as StudioGAN saves them in each key layout it has released, imported by `sagan-import`, compute the same images and
-D logits; one D step and one G step of `experiment=cifar10_studiogan` equal its worker's steps.
+.ci/run sets; these tests are skipped without it and fail when it names another folder): its SAGAN networks with
+weights moved away from their init, saved as StudioGAN saves them in each key layout it has released, imported by
+`sagan-import`, compute the same images and D logits; one D step and one G step of `experiment=cifar10_studiogan` equal
+its worker's steps.
 
 Tolerances are derived in each test from rounding alone: 10x the difference between sagan's network (or step) in
 fp32 and the same in fp64, tensor by tensor."""
@@ -9,9 +10,12 @@ fp32 and the same in fp64, tensor by tensor."""
 from __future__ import annotations
 
 import copy
+import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +25,7 @@ from omegaconf import OmegaConf
 import sagan
 import studiogan_parity as parity
 import studiogan_peer as peer
-from conftest import compose_config
+from conftest import compose_config, run_command
 from sagan.checkpoint import CheckpointError, load_checkpoint, model_record, serialize
 from sagan.config import ModelConfig, OptimConfig
 from sagan.utils.processes import SINGLE
@@ -33,8 +37,19 @@ from sagan.pretrained.studiogan_files import sha256
 from sagan.training.run import Run
 from sagan.utils.errors import UserError
 
-SRC = peer.source()
-needs_studiogan = pytest.mark.skipif(SRC is None, reason=f"StudioGAN's src/ not found: set {peer.ENV}")
+try:
+    SRC = peer.source()
+except peer.WrongSource:
+    SRC = None  # every test that needs it fails, naming the variable (needs_studiogan)
+
+
+@pytest.fixture
+def studiogan_src() -> Path:
+    """StudioGAN's src/: the test is skipped when SAGAN_STUDIOGAN_SRC is unset, fails when it names another folder."""
+    return peer.require()
+
+
+needs_studiogan = pytest.mark.usefixtures("studiogan_src")
 # StudioGAN's SAGAN configs at the three sizes it published: CIFAR-10 32 px, Tiny-ImageNet 64 px (its 2021 run: the
 # 64 px config with 200 classes; today's src/configs has the same network as Baby_ImageNet), ImageNet 128 px.
 CONFIGS = {
@@ -81,10 +96,56 @@ def test_v_first_power_iteration_is_the_hooks():
         sn = ours.parametrizations.weight[0]
         reference = copy.deepcopy(hooked)
         sn._u.copy_(reference.weight_u), sn._v.copy_(reference.weight_v)
+        steps = []  # each forward (train mode) runs one power iteration: outputs, u and v compared after every one
         for _ in range(3):
-            agree = torch.allclose(ours(x), reference(x), atol=1e-6)
-            agree &= torch.allclose(sn._u, reference.weight_u, atol=1e-6) and torch.allclose(sn._v, reference.weight_v, atol=1e-6)
-        assert agree == same, update
+            outputs = torch.allclose(ours(x), reference(x), atol=1e-6)
+            steps.append(outputs and torch.allclose(sn._u, reference.weight_u, atol=1e-6)
+                         and torch.allclose(sn._v, reference.weight_v, atol=1e-6))  # fmt: skip
+        assert steps == [same] * 3, (update, steps)
+
+
+def test_a_wrong_studiogan_src_fails_naming_the_variable_and_an_unset_one_skips(tmp_path, monkeypatch):
+    """A SAGAN_STUDIOGAN_SRC that names another folder (here StudioGAN's clone instead of its src/) fails in one line
+    that names the variable and what it must name: a typo must not turn this suite into skips."""
+    clone = tmp_path / "PyTorch-StudioGAN"
+    (clone / "src" / "models").mkdir(parents=True)
+    (clone / "src" / "configs").mkdir()
+    (clone / "src" / "models" / "resnet.py").touch()
+
+    def outcome() -> tuple[str, str]:  # what peer.require() does to a test: caught here, a skip cannot skip this one
+        try:
+            return "returned", str(peer.require())
+        except (pytest.fail.Exception, pytest.skip.Exception) as e:
+            return type(e).__name__, str(e)
+
+    monkeypatch.setenv(peer.ENV, str(clone))
+    kind, message = outcome()
+    assert kind == "Failed", (kind, message)
+    assert "\n" not in message and message.startswith(f"{peer.ENV}={clone} is not PyTorch-StudioGAN's src/ folder")
+    assert "expected models/resnet.py and configs/ in it" in message and f"did you mean {clone / 'src'}?" in message
+    with pytest.raises(peer.WrongSource):
+        peer.source()
+    monkeypatch.setenv(peer.ENV, str(clone / "src"))
+    assert outcome() == ("returned", str(clone / "src"))
+    monkeypatch.delenv(peer.ENV)
+    assert peer.source() is None and outcome() == ("Skipped", f"StudioGAN's src/ not found: set {peer.ENV}")
+
+
+@pytest.mark.slow
+def test_the_suite_fails_on_a_wrong_studiogan_src_and_skips_without_one(tmp_path):
+    """Through pytest itself: a test that needs StudioGAN errors (not skips) with a wrong folder, skips without one."""
+    test = f"{Path(__file__).name}::test_a_run_with_g_ema_imports_all_three"
+    outcomes = {}
+    for name, value in (("wrong", str(tmp_path)), ("unset", None)):
+        env = {k: v for k, v in os.environ.items() if k != peer.ENV} | ({peer.ENV: value} if value else {})
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test],
+                                cwd=Path(__file__).parent, env=env, capture_output=True, text=True)  # fmt: skip
+        outcomes[name] = (result.returncode, result.stdout)
+    code, out = outcomes["wrong"]
+    assert code == 1 and "1 error" in out and "skipped" not in out, out
+    assert f"{peer.ENV}={tmp_path} is not PyTorch-StudioGAN's src/ folder" in out, out
+    code, out = outcomes["unset"]
+    assert code == 0 and "1 skipped" in out and f"StudioGAN's src/ not found: set {peer.ENV}" in out, out
 
 
 # --- StudioGAN's networks, saved and imported --------------------------------------------------------------------
@@ -151,9 +212,7 @@ def test_studiogans_sagan_configs_import(resolution, tmp_path):
 
 @pytest.fixture(scope="module")
 def step_setup(tmp_path_factory):
-    if SRC is None:
-        pytest.skip(f"StudioGAN's src/ not found: set {peer.ENV}")
-    return parity.studiogan_steps(SRC, tmp_path_factory.mktemp("step"), batch=8)
+    return parity.studiogan_steps(peer.require(), tmp_path_factory.mktemp("step"), batch=8)
 
 
 @needs_studiogan
@@ -228,27 +287,26 @@ class Exploit:
 
 
 @needs_studiogan
-@pytest.mark.slow
-def test_readme_import_command_and_the_other_commands_take_the_result(tmp_path):
+def test_readme_import_command_and_the_other_commands_take_the_result(tmp_path, monkeypatch, capsys):
     cfgs, G, D, _ = parity.studiogan(SRC, **{"MODEL.g_conv_dim": 8, "MODEL.d_conv_dim": 8})
     peer.save_run(tmp_path / "run", G, D, None, cfgs, step=10, best_fid=np.float64(9.0))
-    bin_dir = Path(sys.executable).parent
+    monkeypatch.chdir(tmp_path)
 
-    def run(command: str, *args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run([str(bin_dir / command), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr
-        return result
+    def run(command: str, *args: str) -> str:
+        code, out, err = run_command(command, list(args), monkeypatch, capsys)
+        assert code == 0, err
+        return out
 
-    printed = run("sagan-import", f"src={tmp_path / 'run'}", "out=cifar10_sagan.pt").stdout
+    printed = run("import", f"src={tmp_path / 'run'}", "out=cifar10_sagan.pt")
     assert "train.init_from=cifar10_sagan.pt" in printed
-    run("sagan-import", f"src={tmp_path / 'run' / 'model=G-best-weights-step=10.pth'}", "out=from_file.pt")
+    run("import", f"src={tmp_path / 'run' / 'model=G-best-weights-step=10.pth'}", "out=from_file.pt")
     assert load_checkpoint(tmp_path / "from_file.pt")["trainer"].keys() == {"G", "D", "G_ema", "step"}
-    run("sagan-sample", "ckpt=cifar10_sagan.pt", "n=4", "format=grid", "class=all", "out=samples")
+    run("sample", "ckpt=cifar10_sagan.pt", "n=4", "format=grid", "class=all", "out=samples")
     assert (tmp_path / "samples" / "grid.png").is_file()
-    run("sagan-attention", "ckpt=cifar10_sagan.pt", "format=html", "n=2", "real=false", "out=explorer")
+    run("attention", "ckpt=cifar10_sagan.pt", "format=html", "n=2", "real=false", "out=explorer")
     assert (tmp_path / "explorer" / "attention.html").stat().st_size > 1000
-    bad = subprocess.run([str(bin_dir / "sagan-import"), "src=nowhere", "out=x.pt"], cwd=tmp_path, capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
+    code, _, err = run_command("import", ["src=nowhere", "out=x.pt"], monkeypatch, capsys)
+    assert code == 1 and err.count("\n") == 1 and "does not exist" in err
 
 
 @needs_studiogan
@@ -300,3 +358,39 @@ def test_sagan_import_explains_itself_with_help(capsys, monkeypatch):
     assert import_weights.__doc__.strip().splitlines()[0] in text and "sagan-import src=" in text
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
     assert {"src", "out", "which"} <= set(rows) and "best" in rows["which"]
+
+
+def worker_save(folder: Path, G, D, cfgs, *, step: int, is_best: bool) -> None:
+    """StudioGAN's own WORKER.save on a worker that holds what it reads: `is_best=False` writes the run's current
+    checkpoint alone (what a run has before its first evaluation), True the best one and a current copy of it."""
+    worker = object.__new__(importlib.import_module("worker").WORKER)
+    folder.mkdir(parents=True, exist_ok=True)
+    worker.Gen, worker.Dis, worker.Gen_ema, worker.OPTIMIZATION = G, D, None, cfgs.OPTIMIZATION
+    worker.RUN, worker.run_name = SimpleNamespace(ckpt_dir=str(folder), seed=0), "SAGAN-train-test"
+    worker.epoch_counter, worker.topk, worker.aa_p, worker.best_step, worker.best_fid = 1, "initialize", 0.0, 0, None
+    worker.lecam_ema, worker.global_rank, worker.logger = importlib.import_module("utils.ops").LeCamEMA(), 0, None
+    worker.save(step=step, is_best=is_best)
+
+
+@needs_studiogan
+def test_a_run_with_one_kind_of_checkpoint_imports_that_kind_and_says_so(tmp_path, capsys):
+    cfgs, G, D, _ = parity.studiogan(SRC, **{"MODEL.g_conv_dim": 8, "MODEL.d_conv_dim": 8})
+    current, both, best = tmp_path / "current", tmp_path / "both", tmp_path / "best"
+    worker_save(current, G, D, cfgs, step=20, is_best=False)
+    assert sorted(p.name.split("-")[1] for p in current.iterdir()) == ["current", "current"]  # D and G
+    state = parity.imported(current, tmp_path / "current.pt")
+    assert state["trainer"]["step"] == 20 and state["imported"]["files"]["G"] == "model=G-current-weights-step=20.pth"
+    printed = capsys.readouterr().out
+    assert f"which=current: {current} holds no model=G-best-... file" in printed and "(StudioGAN current, step 20" in printed
+    # Both kinds: best, the default. A kind asked for and absent stays an error.
+    worker_save(both, G, D, cfgs, step=10, is_best=True)
+    worker_save(both, G, D, cfgs, step=20, is_best=False)
+    assert parity.imported(both, tmp_path / "both.pt")["trainer"]["step"] == 10
+    assert parity.imported(both, tmp_path / "both.pt", which="current")["trainer"]["step"] == 20
+    printed = capsys.readouterr().out
+    assert "which=current:" not in printed and "(StudioGAN best, step 10" in printed
+    with pytest.raises(CheckpointError, match=r"no StudioGAN generator .*model=G-best-weights-step=N\.pth"):
+        parity.imported(current, tmp_path / "x.pt", which="best")
+    peer.save_run(best, G, D, None, cfgs, step=30, best_fid=np.float64(9.0))  # best alone
+    assert parity.imported(best, tmp_path / "best.pt")["trainer"]["step"] == 30
+    assert "(StudioGAN best, step 30" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, run_command
 from sagan.checkpoint import load_checkpoint
 from sagan.data.batch_stream import BatchStream
 from sagan.data.demo import MirrorShapes
@@ -220,11 +220,6 @@ def test_impossible_values_fail_before_work(tiny_cfg, tmp_path, override, messag
     assert not (tmp_path / "checkpoints").exists()
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sagan.train", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -237,20 +232,22 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ],
     ids=["misspelt_key", "missing_root", "nonexistent_root", "unknown_preset", "wrong_type", "impossible_value"],
 )
-def test_cli_bad_input_is_one_line(tmp_path, args, needle):
-    result = run_cli(*args, "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+def test_cli_bad_input_is_one_line(tmp_path, args, needle, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_command("train", [*args, "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch, capsys)
+    lines = stderr.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
 
 
 @pytest.mark.slow
 def test_cli_trains_into_hydra_run_dir(tmp_path):
+    """The console script itself, in its own process: Hydra writes its record into the named run directory."""
     args = [
         "experiment=demo", "model.g_ch=4", "model.d_ch=4", "data.size=16",
         "train.batch_size=4", "train.steps=2", "logger.num_samples=4", "logger.mode=disabled",
     ]  # fmt: skip
-    result = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    command = [str(Path(sys.executable).parent / "sagan-train"), *args, f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file()

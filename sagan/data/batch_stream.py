@@ -18,10 +18,14 @@ from sagan.utils.processes import available_cpus
 from sagan.utils.errors import UserError
 
 
+MAX_WORKERS = 8  # default data-loading workers per process at most: more rarely help decode 32-256 px images
+
+
 def default_num_workers() -> int:
-    """Data-loading workers per process when `data.num_workers` is unset: the CPUs this process may run on, shared
-    among the training processes torchrun started on this machine, at most 8 (more rarely helps decode 32-256 px)."""
-    return min(8, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    """Data-loading workers per process when `data.num_workers` (or `sagan-prepare`'s `workers=`) is unset: the CPUs
+    this process may run on, shared among the training processes torchrun started on this machine, at most
+    MAX_WORKERS."""
+    return min(MAX_WORKERS, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -9,6 +9,7 @@ features (2,048 floats per image), not images; rank 0 computes the metrics and s
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,17 +165,21 @@ def evaluate_generator(
     world: World,
     choice: str | None = None,
     truncation: float | None = None,
+    abandon: Callable[[], bool] | None = None,
     **which: Any,
 ) -> dict[str, float]:
     """Metrics (`which`: fid, isc, kid, prc, kid_subset_size) of n seeded samples of G (as it is: call it in eval
-    mode; `choice` and `truncation` as the sampler takes them) against `reference`, on every rank.
+    mode; `choice` and `truncation` as the sampler takes them) against `reference`, on every rank. `abandon`, asked
+    between batches on every rank, gives up (Abandoned) when it says so (`Inception.features`).
 
     Rank r draws images `rank_part(n, r, world_size)` of the same n latents (`sagan.evaluation.sampling`), so the images, and the
     metrics, do not depend on the number of ranks.
     """
     part = rank_part(n, world.rank, world.size)
     batches = draw_batches(G, n, seed=seed, choice=choice, truncation=truncation, batch=batch_size, part=part)
-    pool, logits = inception.features(batches, total=len(part), what="generated images", world=world, overall=n)
+    pool, logits = inception.features(
+        batches, total=len(part), what="generated images", world=world, overall=n, abandon=abandon
+    )
     return metrics_on_main(
         gather_rows(pool, world),
         None if logits is None else gather_rows(logits, world),

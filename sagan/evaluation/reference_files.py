@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sagan.evaluation.reference_stats import FEATURES, Reference, ReferenceStatsError
-from sagan.utils.atomic_files import atomic_file
+from sagan.evaluation.reference_stats import FEATURES, Reference, ReferenceStatsError, write_statistics
 
 
 def load_reference_file(path: str | Path) -> Reference:
@@ -55,11 +54,10 @@ def check_save_path(path: str | Path) -> Path:
 
 
 def save_reference_file(path: str | Path, reference: Reference) -> Path:
-    """Write `mu`, `sigma`, `num_images` and `resolution` to a `.npz` file (whole or not at all); rank 0's reference."""
+    """Write `mu`, `sigma`, `num_images` and `resolution` to a `.npz` file (whole or not at all); rank 0's reference.
+    The file was asked for (`save_ref=`): a full disk stops the command (DiskFull), unlike a cache write."""
     path = check_save_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        np.savez(
-            f, mu=reference.mu, sigma=reference.sigma, num_images=reference.num_images, resolution=reference.resolution
-        )
+    write_statistics(
+        path, mu=reference.mu, sigma=reference.sigma, num_images=reference.num_images, resolution=reference.resolution
+    )
     return path

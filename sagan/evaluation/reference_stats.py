@@ -1,5 +1,6 @@
 """What generated images are compared with: Inception statistics of reference images, cached once per set of images.
-Statistics files (`.npz`) are read and written by sagan.evaluation.reference_files.
+Statistics files (`.npz`) are read and written by sagan.evaluation.reference_files, with `write_statistics`, the one
+writer of both (whole or not at all; a full disk as one line).
 
 One cache, keyed one way: by what the images are (their dataset's `identity()`), the resolution they are prepared at, the
 subset, and the Inception weights. Training (`eval.every`) and `sagan-fid` therefore share statistics of the same data.
@@ -13,7 +14,7 @@ import hashlib
 import logging
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +23,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch_fidelity.metric_fid import fid_features_to_statistics
 
-from sagan.utils.atomic_files import atomic_file
+from sagan.utils.atomic_files import DiskFull, atomic_file, space_for
 from sagan.data.dataset_base import reraise_worker_error
 from sagan.data.datasets import ImageSubset
 from sagan.utils.processes import World, barrier, broadcast_object, gather_rows, rank_part
-from sagan.evaluation.inception import Inception
+from sagan.evaluation.inception import Abandoned, Inception
 from sagan.evaluation.moments import FeatureMoments
 from sagan.utils.errors import UserError
 
@@ -109,15 +110,18 @@ def dataset_moments(
     batch_size: int,
     num_workers: int,
     what: str,
+    abandon: Callable[[], bool] | None = None,
 ) -> tuple[FeatureMoments, torch.Tensor | None]:
     """The moments of the Inception pool features of a dataset's images (all, or a seeded subset of `limit`), summed
     batch by batch on every rank and reduced once, and with `keep` the features themselves, gathered on rank 0 in
-    the subset's order (None on the other ranks, and without `keep`)."""
+    the subset's order (None on the other ranks, and without `keep`). `abandon`: see `Inception.features`."""
     batches, part, overall = _rank_batches(
         dataset, limit=limit, seed=seed, world=world, batch_size=batch_size, num_workers=num_workers
     )
     moments = FeatureMoments(FEATURES)
-    pool = inception.accumulate(batches, moments, keep=keep, total=part, what=what, world=world, overall=overall)
+    pool = inception.accumulate(
+        batches, moments, keep=keep, total=part, what=what, world=world, overall=overall, abandon=abandon
+    )
     moments.all_reduce(world)
     return moments, None if pool is None else gather_rows(pool, world)
 
@@ -166,9 +170,11 @@ def dataset_reference(
     batch_size: int,
     num_workers: int = 0,
     need_features: bool = False,
+    abandon: Callable[[], bool] | None = None,
 ) -> Reference:
     """The reference statistics of a dataset's images (and with `need_features` their features): read from the cache
-    by rank 0, or computed by all ranks and cached by rank 0.
+    by rank 0, or computed by all ranks and cached by rank 0. `abandon`, asked between batches on every rank, gives
+    up the computation (Abandoned) when it says so, and nothing is cached (`Inception.features`).
 
     mu and sigma are summed batch by batch (`FeatureMoments`): without `need_features` no rank holds more than a
     batch of features, and the cache holds statistics only. A cached file without features is computed again (and
@@ -191,10 +197,14 @@ def dataset_reference(
     log.info(f"reference statistics of {description} ({n} images): computing, then cached in {path}")
     if need_features:
         _log_kept_features(n)
-    moments, features = dataset_moments(
-        dataset, inception, keep=need_features, limit=limit, seed=seed, world=world, batch_size=batch_size,
-        num_workers=num_workers, what="reference images",
-    )  # fmt: skip
+    try:
+        moments, features = dataset_moments(
+            dataset, inception, keep=need_features, limit=limit, seed=seed, world=world, batch_size=batch_size,
+            num_workers=num_workers, what="reference images", abandon=abandon,
+        )  # fmt: skip
+    except Abandoned:
+        log.warning(f"reference statistics of {description}: abandoned, nothing cached (computed again next time)")
+        raise
     if world.main:
         reference.mu, reference.sigma = moments.statistics()
         reference.features = features
@@ -224,11 +234,29 @@ def _read_cache(path: Path, reference: Reference, need_features: bool) -> None:
 
 
 def _write_cache(path: Path, reference: Reference) -> None:
-    """Cache a computed reference (whole or not at all): its statistics, and its features when it has them."""
+    """Cache a computed reference (whole or not at all): its statistics, and its features when it has them.
+
+    A write that fails (a full disk, a cache folder that cannot be written) only warns: the statistics are computed
+    already and the evaluation goes on with them (the next one computes them again). Stopping would throw away the
+    result for a cache, and under torchrun rank 0 alone writes: an error there would leave the others in the barrier.
+    """
     features = {} if reference.features is None else {"features": reference.features.numpy()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        np.savez(
-            f, mu=reference.mu, sigma=reference.sigma, num_images=reference.num_images, resolution=reference.resolution,
-            **features,
+    try:
+        write_statistics(
+            path, mu=reference.mu, sigma=reference.sigma, num_images=reference.num_images,
+            resolution=reference.resolution, **features,
         )  # fmt: skip
+    except DiskFull as full:  # one line naming the file and the space
+        log.warning(str(full.then("the reference statistics are used as computed, not cached (computed again next time)")))
+    except OSError as error:
+        log.warning(f"cannot cache reference statistics in {path} ({error}): used as computed, computed again next time")
+
+
+def write_statistics(path: Path, **arrays: np.ndarray | int | None) -> None:
+    """An .npz of `arrays`, whole or not at all (the folder made if needed); a full disk raises DiskFull, leaving no
+    file behind."""
+    needed = sum(np.asarray(a).nbytes for a in arrays.values()) + 1024 * len(arrays)  # + the archive's headers
+    with space_for(path, needed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as f:
+            np.savez(f, **arrays)

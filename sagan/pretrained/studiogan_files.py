@@ -25,10 +25,12 @@ _NUMPY_SCALARS = [
     (_scalar, "numpy._core.multiarray.scalar"),
     *(type(np.dtype(kind)) for kind in ("bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64")),
 ]
-def run_files(src: Path, which: str) -> tuple[dict[str, Path], int]:
+def run_files(src: Path, which: str | None) -> tuple[dict[str, Path], int, str]:
     """The G, D and G_ema files of a StudioGAN run (a folder, or one `model=...pth` file and the others beside it) at
-    `which` (best or current), and their step. G is required; D and G_ema are taken when they are there."""
-    if which not in WHICH:
+    `which` (best or current), their step and the kind taken. G is required; D and G_ema are taken when they are
+    there. `which` None takes best, or current when the folder holds no best G (a run saved before its first
+    evaluation, or a download of its last step alone)."""
+    if which is not None and which not in WHICH:
         raise CheckpointError(f"which={which} is not a StudioGAN checkpoint kind: choose best or current")
     if src.is_file():
         match = _FILE.match(src.name)
@@ -42,11 +44,14 @@ def run_files(src: Path, which: str) -> tuple[dict[str, Path], int]:
         folder, step = src, None
     else:
         raise CheckpointError(f"'{src}' does not exist: pass a StudioGAN run folder or a model=G-...pth file")
-    found = {}
+    found = {kind: {} for kind in WHICH}  # kind -> network -> [(step, path)]
     for path in sorted(folder.iterdir()):
         match = _FILE.match(path.name)
-        if match and match.group(2) == which and (step is None or int(match.group(3)) == step):
-            found.setdefault(match.group(1), []).append((int(match.group(3)), path))
+        if match and (step is None or int(match.group(3)) == step):
+            found[match.group(2)].setdefault(match.group(1), []).append((int(match.group(3)), path))
+    if which is None:
+        which = "current" if "G" not in found["best"] and "G" in found["current"] else "best"
+    found = found[which]
     if "G" not in found:
         raise CheckpointError(
             f"no StudioGAN generator in '{folder}': expected model=G-{which}-weights-step=N.pth "
@@ -54,7 +59,7 @@ def run_files(src: Path, which: str) -> tuple[dict[str, Path], int]:
         )
     step = max(found["G"])[0]
     files = {net: dict(entries)[step] for net, entries in found.items() if step in dict(entries)}
-    return files, step
+    return files, step, which
 
 
 def read_file(path: Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from sagan.checkpoint import find_latest, load_checkpoint
 from sagan.config import check_config
+from sagan.evaluation.inception import Abandoned
 from sagan.training.monitoring import LossSums
 from sagan.training.preemption import StopRequest
 from sagan.training.run import Run
@@ -82,10 +83,14 @@ def training_loop(cfg: DictConfig, run_dir: Path, world: World, device: torch.de
     losses, last = LossSums(), {}
     vote = StopVote(world)  # every rank stops at the same step, after the same checkpoint
     with StopRequest() as stop:
+
+        def stop_agreed() -> bool:  # asked on every rank, as often on each: between steps and evaluation batches
+            return vote.poll(stop.signal is not None)
+
         while trainer.step < cfg.train.steps:
             losses.add(trainer.train_step(run.stream))
             step = trainer.step
-            stopping = vote.poll(stop.signal is not None)
+            stopping = stop_agreed()
             due = due_at(step, cfg, stopping=stopping, evaluating=run.evaluator is not None)
             problem = trainer.nonfinite() if due.finite_check else None
             if problem is not None:
@@ -98,8 +103,11 @@ def training_loop(cfg: DictConfig, run_dir: Path, world: World, device: torch.de
                 run.log_step(step, last)
             if due.images:
                 scores = run.images(step)
-            improved = run.evaluate(step) if due.evaluate else False
-            if due.checkpoint or improved:
+            try:
+                improved = run.evaluate(step, abandon=stop_agreed) if due.evaluate else False
+            except Abandoned:  # a stop request during the evaluation (minutes at scale): its checkpoint now instead
+                improved, stopping = False, True
+            if due.checkpoint or improved or stopping:
                 run.checkpoint(best=improved)
             if stopping:
                 run.stopped(step, stop.signal)
@@ -117,23 +125,27 @@ class Due:
     images: bool  # sample grids, attention figures and the explorer (logger.image_every)
     evaluate: bool  # FID (eval.every)
     checkpoint: bool  # train.ckpt_every, the last step, and a stop request
-    finite_check: bool  # NaN/Inf: when the host reads from the device anyway (a log) and always before a checkpoint
+    # NaN/Inf: when the host reads from the device anyway (a log), always before a checkpoint, and before an evaluation
+    # (a stop request during it turns it into a checkpoint; and the FID of NaN images means nothing)
+    finite_check: bool
 
 
 def due_at(step: int, cfg: DictConfig, *, stopping: bool, evaluating: bool) -> Due:
-    """When stopping, only the checkpoint: the launcher's grace period (torchrun: 30 s) may be short."""
+    """When stopping, only the checkpoint: the launcher's grace period (torchrun: 30 s) may be short. (A stop request
+    that comes during an evaluation abandons it: `training_loop`.)"""
     last = cfg.train.steps
 
     def every(n: int) -> bool:
         return step % n == 0 or step == last
 
     log, checkpoint = every(cfg.logger.log_every), every(cfg.train.ckpt_every) or stopping
+    evaluate = evaluating and every(cfg.eval.every) and not stopping
     return Due(
         log=log,
         images=every(cfg.logger.image_every) and not stopping,
-        evaluate=evaluating and every(cfg.eval.every) and not stopping,
+        evaluate=evaluate,
         checkpoint=checkpoint,
-        finite_check=log or checkpoint,
+        finite_check=log or checkpoint or evaluate,
     )
 
 

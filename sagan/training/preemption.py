@@ -1,5 +1,6 @@
 """Stop cleanly when the cluster asks: SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before they stop a job)
-request a checkpoint at the next step boundary and a normal exit.
+request a checkpoint at the next step boundary and a normal exit. An evaluation under way (minutes at scale) is
+abandoned between two of its batches, on every rank together, and the checkpoint written then (sagan.training.loop).
 
 Further signals change nothing: one request often arrives several times (SLURM signals every process of a job step
 and torchrun forwards the SIGTERM it gets to its workers), and acting on a repeat would lose the checkpoint. Ctrl-C
@@ -30,7 +31,7 @@ class StopRequest:
             log.warning(f"{name} received: already stopping (after {self.signal}) at the end of this step")
             return
         self.signal = name
-        log.warning(f"{name} received: writing a checkpoint at the end of this step, then exiting")
+        log.warning(f"{name} received: writing a checkpoint at the end of this step (or evaluation batch), then exiting")
 
     def __enter__(self) -> StopRequest:
         for s in SIGNALS:

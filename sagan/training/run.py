@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sagan.checkpoint import CheckpointError, check_same_model, find_latest, load_checkpoint, model_record, save_checkpoint
+from sagan.evaluation.inception import Abandoned
 from sagan.training.assembly import assemble, open_outputs
 from sagan.training.divergence import Diverged
 from sagan.training.monitoring import LOGGED, num_params, training_scalars, warn_dead_attention
@@ -135,9 +137,15 @@ class Run:
         """Seconds this run has spent so far, over all its resumes (up to each one's checkpoint)."""
         return self.train_s + time.monotonic() - self.clock
 
-    def evaluate(self, step: int) -> bool:
-        """FID (and IS) of G_ema now, logged; returns whether FID improved on the best so far."""
-        metrics = self.evaluator(self.trainer.ema_generator())
+    def evaluate(self, step: int, *, abandon: Callable[[], bool]) -> bool:
+        """FID (and IS) of G_ema now, logged; returns whether FID improved on the best so far. Gives up (Abandoned)
+        between two batches when the agreed check `abandon` says so: nothing is logged or kept of it, as if it had not
+        been due (a resumed run evaluates at its next eval.every step)."""
+        try:
+            metrics = self.evaluator(self.trainer.ema_generator(), abandon=abandon)
+        except Abandoned as where:
+            log.warning(f"step {step}: evaluation abandoned at {where} for the stop request: no FID for this step")
+            raise
         if self.logger is not None:
             self.logger.log_scalars(step, {f"metrics/{k}": v for k, v in metrics.items()})
         log.info(
