@@ -7,8 +7,6 @@ import copy
 import importlib.util
 import math
 import re
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 import sagan.export
-from conftest import run_command
+from conftest import run_command, run_copy
 from sagan.checkpoint import load_checkpoint, networks_from_checkpoint, serialize
 from sagan.cli import parse_args
 from sagan.evaluation.sampling import latents
@@ -31,12 +29,6 @@ needs_onnx = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="session")
-def checkpoints(trained):
-    """The session's tiny conditional and unconditional runs (tests/conftest.py), both with attention in G."""
-    return trained
-
-
 def fp32_rounding(G: torch.nn.Module, z: torch.Tensor, y: torch.Tensor | None) -> float:
     """How far PyTorch's own fp32 images lie from its fp64 ones: the scale of rounding another runtime may differ by."""
     with torch.no_grad():
@@ -44,8 +36,8 @@ def fp32_rounding(G: torch.nn.Module, z: torch.Tensor, y: torch.Tensor | None) -
 
 
 @pytest.mark.parametrize("kind", ["cond", "uncond"])
-def test_folding_spectral_norm_keeps_the_function(checkpoints, kind):
-    state = load_checkpoint(checkpoints[kind])
+def test_folding_spectral_norm_keeps_the_function(trained, kind):
+    state = load_checkpoint(trained[kind])
     folded = folded_generator(state, ema=True)
     G, _ = networks_from_checkpoint(state, ema=True, device=torch.device("cpu"))
     assert not any(hasattr(m, "parametrizations") for m in folded.modules())
@@ -57,11 +49,11 @@ def test_folding_spectral_norm_keeps_the_function(checkpoints, kind):
 
 @needs_onnx
 @pytest.mark.parametrize("kind", ["cond", "uncond"])
-def test_onnx_file_computes_the_generator_at_any_batch(checkpoints, kind, tmp_path):
+def test_onnx_file_computes_the_generator_at_any_batch(trained, kind, tmp_path):
     import onnxruntime
 
-    out, difference = export(parse_args(ExportArgs, [f"ckpt={checkpoints[kind]}", f"out={tmp_path / 'g.onnx'}", "check_n=3"]))
-    state = load_checkpoint(checkpoints[kind])
+    out, difference = export(parse_args(ExportArgs, [f"ckpt={trained[kind]}", f"out={tmp_path / 'g.onnx'}", "check_n=3"]))
+    state = load_checkpoint(trained[kind])
     folded = folded_generator(state, ema=True)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == (["z", "y"] if kind == "cond" else ["z"])
@@ -78,10 +70,10 @@ def test_onnx_file_computes_the_generator_at_any_batch(checkpoints, kind, tmp_pa
 
 
 @needs_onnx
-def test_onnx_graph_holds_the_attention_block(checkpoints, tmp_path):
+def test_onnx_graph_holds_the_attention_block(trained, tmp_path):
     import onnx
 
-    out, _ = export(parse_args(ExportArgs, [f"ckpt={checkpoints['cond']}", f"out={tmp_path / 'g.onnx'}", "check_n=1"]))
+    out, _ = export(parse_args(ExportArgs, [f"ckpt={trained['cond']}", f"out={tmp_path / 'g.onnx'}", "check_n=1"]))
     ops = {node.op_type for node in onnx.load(str(out)).graph.node}
     assert {"Softmax", "MatMul"} <= ops  # the attention block, as the maths it computes
 
@@ -136,11 +128,11 @@ def broken(model: bytes, how: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def heavy(checkpoints, tmp_path_factory):
+def heavy(trained, tmp_path_factory):
     """The unconditional checkpoint with an attention branch as large as its input, its share, and its ONNX file
     written by a passing export (whose check's difference is returned too)."""
     folder = tmp_path_factory.mktemp("heavy")
-    share = attention_heavy(checkpoints["uncond"], folder / "heavy.pt")
+    share = attention_heavy(trained["uncond"], folder / "heavy.pt")
     out, difference = export(parse_args(ExportArgs, [f"ckpt={folder / 'heavy.pt'}", f"out={folder / 'g.onnx'}"]))
     return folder / "heavy.pt", share, out, difference
 
@@ -162,11 +154,8 @@ def test_a_wrong_attention_graph_fails_the_export_in_one_line_and_writes_nothing
     # Over an earlier file: the command exits 1 with one line, and the earlier file stays as it was.
     out = tmp_path / "g.onnx"
     out.write_bytes(good.read_bytes())
-    monkeypatch.setattr(sys, "argv", ["sagan-export", f"ckpt={ckpt}", f"out={out}"])
-    with pytest.raises(SystemExit) as exit_:
-        sagan.export.main()
-    err = capsys.readouterr().err
-    assert exit_.value.code == 1 and err.count("\n") == 1, err
+    code, _, err = run_command("export", [f"ckpt={ckpt}", f"out={out}"], monkeypatch, capsys)
+    assert code == 1 and err.count("\n") == 1, err
     assert err.startswith(f"error: the ONNX model does not compute G_ema of {ckpt}: onnxruntime against PyTorch on 16 ")
     assert f"nothing written ({out} left as it was)" in err, err
     difference, tolerance = (float(x) for x in re.search(r"largest difference (\S+), tolerance (\S+) ", err).groups())
@@ -179,16 +168,21 @@ def test_a_wrong_attention_graph_fails_the_export_in_one_line_and_writes_nothing
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_sagan_export_cli_writes_beside_the_run_and_fails_in_one_line(checkpoints, tmp_path, monkeypatch, capsys):
+def test_sagan_export_cli_writes_beside_the_run_and_fails_in_one_line(trained, tmp_path, monkeypatch, capsys):
     code, out, _ = run_command("export", ["--help"], monkeypatch, capsys)
     assert code == 0 and "sagan-export ckpt=" in out and "check_n" in out
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    ckpt.parent.mkdir(parents=True)
-    shutil.copy(checkpoints["uncond"], ckpt)
+    ckpt = run_copy(trained["uncond"], tmp_path)
     code, out, err = run_command("export", [f"ckpt={ckpt}", "check_n=2"], monkeypatch, capsys)
     written = tmp_path / "run" / "G_ema.onnx"  # beside the run's checkpoints/
     assert code == 0 and written.is_file() and f"{written}: G_ema of" in out, err
     code, _, err = run_command("export", [f"ckpt={tmp_path / 'none.pt'}"], monkeypatch, capsys)
     assert code == 1 and err.count("\n") == 1 and "none.pt" in err
-    code, _, err = run_command("export", [f"ckpt={checkpoints['cond']}", "format=tflite"], monkeypatch, capsys)
+    code, _, err = run_command("export", [f"ckpt={trained['cond']}", "format=tflite"], monkeypatch, capsys)
     assert code == 1 and "unknown format 'tflite'" in err
+
+def test_sagan_export_without_the_export_extra_says_what_to_install_in_one_line(trained, tmp_path, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    code, _, err = run_command("export", [f"ckpt={trained['uncond']}", f"out={tmp_path / 'g.onnx'}"], monkeypatch, capsys)
+    assert (code, err) == (1, "error: sagan-export needs onnxruntime: pip install -e '.[export]' (or pip install onnxruntime)\n")
+    assert not (tmp_path / "g.onnx").exists()

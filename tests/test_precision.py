@@ -3,6 +3,7 @@ in checkpoints, a resume that changes precision), and what `auto` picks on each 
 
 import copy
 import logging
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from conftest import compose_config
 from sagan.models import SelfAttention2d, build_models
+from sagan.training.monitoring import LossSums
 from sagan.training.step import Trainer
 from sagan.utils.errors import UserError
 from sagan.utils.processes import resolve_perf
@@ -80,12 +82,33 @@ def test_fp16_skips_a_step_whose_gradients_overflow_and_lowers_its_scale():
     assert all(torch.equal(p, q) for p, q in zip(t.G.parameters(), before_G))  # G's weights wait for a G step
 
 
+def test_a_skipped_fp16_step_is_left_out_of_the_logged_gradient_norms():
+    """A skipped step's norm is inf (its overflowed gradients): the logged norm is the mean of the steps that updated,
+    and NaN for a log window in which none did; losses average over every step."""
+    batch = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    t = trainer("fp16", loss_scale=2.0**100)
+    skipped = t.train_step(iter([batch]))
+    assert not torch.isfinite(skipped["grad_norm_d"]) and not torch.isfinite(skipped["grad_norm_g"])
+    for scaler in t.opt.scalers.values():
+        scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**10})
+    made = t.train_step(iter([batch]))
+    sums, alone = LossSums(), LossSums()
+    for values in (skipped, made):
+        sums.add(values)
+    alone.add(skipped)
+    means = sums.means()
+    for name in ("grad_norm_d", "grad_norm_g"):
+        assert torch.isfinite(made[name]) and made[name] > 0
+        assert means[name] == pytest.approx(made[name].item()) and math.isnan(alone.means()[name])
+    assert means["d_loss"] == pytest.approx((skipped["d_loss"] + made["d_loss"]).item() / 2)
+
+
 def test_the_loss_scale_is_checkpointed_and_a_resume_may_change_precision(caplog):
     source = trainer("fp16", loss_scale=2.0**12)
     source.train_step(iter([(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))] * 2))
     state = source.state_dict()
     saved = state["loss_scale"]["D"]["scale"]
-    assert saved == source.opt.scalers["D"].get_scale()
+    assert saved == source.opt.scalers["D"].get_scale() == 2.0**12  # the set scale, not GradScaler's initial one
 
     same = trainer("fp16")
     same.load_state_dict(state)

@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from sagan.evaluation.sampling import latents
+from sagan.utils.errors import UserError
 
 NEEDED = ("onnx", "onnxscript", "onnxruntime")
+
+
+class MissingExtra(UserError, ModuleNotFoundError):
+    """The export extra is not installed: one line saying what to install."""
 
 
 def check_installed() -> None:
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
     if missing:
-        raise ModuleNotFoundError(
+        raise MissingExtra(
             f"sagan-export needs {', '.join(missing)}: pip install -e '.[export]' (or pip install {' '.join(missing)})"
         )
 
@@ -54,8 +58,8 @@ def onnx_model(G: nn.Module, *, max_batch: int = 4096) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def onnx_difference(model: bytes | Path, G: nn.Module, *, n: int, seed: int) -> tuple[float, float]:
-    """The largest |difference| between onnxruntime's images (of the model's bytes, or a file) and PyTorch's (fp32,
+def onnx_difference(model: bytes, G: nn.Module, *, n: int, seed: int) -> tuple[float, float]:
+    """The largest |difference| between onnxruntime's images (of the model's bytes) and PyTorch's (fp32,
     eval mode) for n seeded latents (and labels), the check that the model computes G; and, for scale, the largest
     |difference| between PyTorch's fp32 and fp64 images of the same latents (how far two correct fp32 computations may
     lie apart)."""
@@ -63,8 +67,7 @@ def onnx_difference(model: bytes | Path, G: nn.Module, *, n: int, seed: int) -> 
     import onnxruntime
 
     z, y = latents(n, G, seed=seed)
-    source = model if isinstance(model, bytes) else str(model)
-    session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
     feed = {"z": z.numpy()} if y is None else {"z": z.numpy(), "y": y.numpy()}
     (served,) = session.run(["images"], feed)
     with torch.no_grad():

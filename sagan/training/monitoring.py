@@ -23,20 +23,30 @@ LOGGED = {
 }  # fmt: skip
 
 
+# Values a step may lack: a step that fp16 loss scaling skips (its gradients overflowed, nothing was updated) has an
+# inf or NaN gradient norm, which is not the norm of any update; their means are over the steps that made one.
+UPDATE_VALUES = ("grad_norm_d", "grad_norm_g")
+
+
 class LossSums:
     """The step's values summed on the device between two logs (no host sync per step)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.counts: dict[str, torch.Tensor | int] = {}
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         for k, v in losses.items():
+            counted: torch.Tensor | int = 1
+            if k in UPDATE_VALUES:
+                counted = torch.isfinite(v)
+                v = torch.where(counted, v, 0.0)
             self.sums[k] = self.sums.get(k, 0) + v
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + counted
 
     def means(self) -> dict[str, float]:
-        return {k: (v / self.count).item() for k, v in self.sums.items()}
+        """Each value's mean; NaN for an update value no step of the window had."""
+        return {k: (v / self.counts[k]).item() for k, v in self.sums.items()}
 
 
 def training_scalars(trainer: Trainer, G_inputs: tuple[torch.Tensor, torch.Tensor | None]) -> dict[str, float]:
