@@ -118,6 +118,7 @@ def run_cli(fn: Callable[[], object], *, check_overrides: Sequence[str] | None =
         if handler is not None:  # a command run again in this process (tests, notebooks) adds no second one
             logger.removeHandler(handler)
 
+
 def user_message(error: Exception) -> str | None:
     """The one line shown for an error about the input, the files or the machine; None for a bug."""
     if isinstance(error, torch.OutOfMemoryError):  # a RuntimeError, but the batch is the user's to change

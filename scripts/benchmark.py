@@ -179,7 +179,7 @@ def main() -> None:
     variants = ["plain", "default"] + (["compile"] if args.compile else [])
     for variant in variants:
         spec = {"kind": "step", "variant": variant, "device": args.device, "preset": args.preset, "batch": args.batch,
-                "overrides": args.override, "steps": steps, "warmup": args.warmup or (10 if gpu else 2)}  # fmt: skip
+                "overrides": args.override, "steps": steps, "warmup": (10 if gpu else 2) if args.warmup is None else args.warmup}  # fmt: skip
         results["step"].append(run_one(spec, args.spec_timeout))
     for size in args.attn_sizes or ([32, 64, 128] if gpu else [32, 64]):
         for variant in ("explicit", "ours"):

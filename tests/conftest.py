@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,10 @@ TINY = [
     "logger.log_every=1",
 ]
 
+# The offline FID Inception weights (tests of the real network's own numbers skip without them; a wrong path fails).
+WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
+needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs the offline FID Inception weights (SAGAN_FID_WEIGHTS)")
+
 
 def compose_config(*overrides: str) -> DictConfig:
     with initialize_config_module(config_module="sagan.conf", version_base="1.3"):
@@ -37,18 +43,30 @@ def tiny_cfg() -> Callable[..., DictConfig]:
     return lambda *overrides: compose_config(*TINY, *overrides)
 
 
+# The settings of the `trained` fixture's runs, which a test that continues one of them composes again.
+TRAINED = {"cond": [*TINY, "train.ckpt_every=2", "model.conditional=true"], "uncond": [*TINY, "train.ckpt_every=2"]}
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """The checkpoints (last.pt) of two tiny demo runs trained once per session, 2 steps each, for every test that
-    only reads one: "cond" (class-conditional) and "uncond". Tests write their outputs elsewhere."""
+    only reads one: "cond" (class-conditional) and "uncond". Tests write their outputs elsewhere (`run_copy`)."""
     from sagan.training.loop import train
 
     runs = {}
-    for name, extra in (("cond", ["model.conditional=true"]), ("uncond", [])):
+    for name, overrides in TRAINED.items():
         run = tmp_path_factory.mktemp(f"trained_{name}") / "run"
-        train(compose_config(*TINY, "train.steps=2", "train.ckpt_every=2", *extra), run)
+        train(compose_config(*overrides, "train.steps=2"), run)
         runs[name] = run / "checkpoints" / "last.pt"
     return runs
+
+
+def run_copy(ckpt: Path, folder: Path) -> Path:
+    """`ckpt` copied to folder/run/checkpoints/last.pt, for a command that writes beside the checkpoint it reads."""
+    copy = folder / "run" / "checkpoints" / "last.pt"
+    copy.parent.mkdir(parents=True)
+    shutil.copy(ckpt, copy)
+    return copy
 
 
 class PixelFeatures(torch.nn.Module):

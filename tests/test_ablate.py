@@ -95,15 +95,15 @@ class Result(NamedTuple):
 
 def study_runner(tmp_path: Path, monkeypatch, capfd):
     """`sagan-ablate` of a tiny sn_g study, in this process (its training runs are sagan-train processes, as always),
-    evaluated on the stand-in Inception network: call it with more arguments, get (exit status, stdout, stderr)."""
+    evaluated on the stand-in Inception network: call it with more arguments, get its Result."""
 
-    def ablate(*args: str) -> tuple[int, str, str]:
+    def ablate(*args: str) -> Result:
         argv = [
             "study=sn_g", "scale=demo", "seeds=1", f"out={tmp_path / 'study'}", "n=12", "ref_n=12",
             f"metrics.cache_dir={tmp_path / 'cache'}", "model.g_ch=4", "model.d_ch=4", "data.size=64",
             "train.batch_size=8", "logger.mode=disabled", "logger.num_samples=4", "logger.attn_images=2", "mirror_n=16", *args,
         ]  # fmt: skip
-        return run_command("ablate", argv, monkeypatch, capfd)
+        return Result(*run_command("ablate", argv, monkeypatch, capfd))
 
     return ablate
 
@@ -112,7 +112,7 @@ def study_runner(tmp_path: Path, monkeypatch, capfd):
 def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path, monkeypatch, capfd, stand_in_inception):
     monkeypatch.chdir(tmp_path)
     ablate, study = study_runner(tmp_path, monkeypatch, capfd), tmp_path / "study"
-    first = Result(*ablate("train.steps=2", "variants=[sn,no_sn]"))
+    first = ablate("train.steps=2", "variants=[sn,no_sn]")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "2 variants x 1 seeds = 2 runs, 0 finished" in first.stdout
     table = (study / "results.md").read_text()
@@ -131,19 +131,19 @@ def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path, monkeypa
     assert (study / "results.png").exists()
     written = {run: (study / run / "eval.json").stat().st_mtime_ns for run in ("sn_g-sn_s0", "sn_g-no_sn_s0")}
 
-    again = Result(*ablate("train.steps=2"))  # same study: nothing to train, nothing to evaluate
+    again = ablate("train.steps=2")  # same study: nothing to train, nothing to evaluate
     assert again.returncode == 0 and "2 runs, 2 finished" in again.stdout and "warning" not in again.stdout
     assert all((study / run / "eval.json").stat().st_mtime_ns == ns for run, ns in written.items())
-    other = Result(*ablate("train.steps=2", "optim.lr_d=1e-3", "rebuild=true"))  # other settings: named, kept
+    other = ablate("train.steps=2", "optim.lr_d=1e-3", "rebuild=true")  # other settings: named, kept
     assert "sn_g-sn_s0 was trained with other settings (optim.lr_d)" in other.stdout and "2 finished" in other.stdout
     assert "running:" not in again.stdout and "evaluating" not in again.stdout
 
     shutil.rmtree(study / "sn_g-no_sn_s0" / "checkpoints")  # one run lost: only its variant is launched again
-    partial = Result(*ablate("train.steps=2"))
+    partial = ablate("train.steps=2")
     assert partial.returncode == 0 and "2 runs, 1 finished" in partial.stdout
     assert "+ablation=sn_g-no_sn train.seed=0 " in partial.stdout and "evaluating 2/2: sn_g-no_sn_s0" in partial.stdout
 
-    longer = Result(*ablate("train.steps=3"))  # more steps: every run continues from its checkpoint
+    longer = ablate("train.steps=3")  # more steps: every run continues from its checkpoint
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "2 runs, 0 finished" in longer.stdout and "2 of 2 runs finished" in longer.stdout
     assert "resumed from" in (study / "sn_g-sn_s0" / "train.log").read_text()
@@ -151,7 +151,7 @@ def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path, monkeypa
     assert "| sn | 1 of 1 | 3 |" in table and "| no_sn | 1 of 1 | 3 |" in table
 
     (study / "sn_g-sn_s0" / "eval.json").unlink()
-    rebuilt = Result(*ablate("train.steps=3", "rebuild=true"))
+    rebuilt = ablate("train.steps=3", "rebuild=true")
     assert rebuilt.returncode == 0 and "evaluating 1/2: sn_g-sn_s0" in rebuilt.stdout
     assert "running:" not in rebuilt.stdout and (study / "sn_g-sn_s0" / "eval.json").exists()
 
@@ -160,7 +160,7 @@ def test_a_tiny_study_trains_evaluates_continues_and_rebuilds(tmp_path, monkeypa
     state = load_checkpoint(ckpt)
     state["config"]["data"]["name"] = "cifar10"
     torch.save(state, ckpt)  # a new checkpoint file: evaluated again
-    off_demo = Result(*ablate("train.steps=3", "rebuild=true"))
+    off_demo = ablate("train.steps=3", "rebuild=true")
     assert off_demo.returncode == 0 and "evaluating 2/2: sn_g-no_sn_s0" in off_demo.stdout
     assert json.loads((study / "sn_g-no_sn_s0" / "eval.json").read_text())["mirror"]["value"] is None
     row = next(line for line in (study / "results.md").read_text().splitlines() if line.startswith("| no_sn seed 0 |"))

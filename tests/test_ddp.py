@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, compose_config
+from conftest import TINY, WEIGHTS, compose_config, needs_weights
 from sagan.checkpoint import load_checkpoint
 from sagan.cli import parse_args
 from sagan.config import check_config
@@ -101,8 +101,6 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path):
     assert_trained_alike(trainer_state(tmp_path / "resumed"), trainer_state(tmp_path / "single"))
 
 
-WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
-
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory) -> Path:
@@ -174,9 +172,8 @@ def worker_pid(launcher: int, rank: int) -> int:
 
 
 @pytest.mark.slow
+@needs_weights
 def test_evaluation_during_a_two_process_run(plain_run):
-    if not WEIGHTS:
-        pytest.skip("needs the offline FID Inception weights (SAGAN_FID_WEIGHTS)")
     ddp = plain_run
     lines = [line for line in (ddp / "metrics.jsonl").read_text().splitlines() if "metrics/fid" in line]
     assert len(lines) == 2  # steps 2 and 4, logged once (by rank 0)
@@ -184,15 +181,13 @@ def test_evaluation_during_a_two_process_run(plain_run):
 
 
 @pytest.mark.slow
+@needs_weights
 def test_two_process_evaluation_equals_one_process(tmp_path):
     """`sagan-fid` under torchrun (each rank generates its part and runs Inception on it; features are gathered)
     gives the FID and KID of one process evaluating the same checkpoint."""
-    weights = os.environ.get("SAGAN_FID_WEIGHTS")
-    if not weights:
-        pytest.skip("needs the offline FID Inception weights (SAGAN_FID_WEIGHTS)")
     train(compose_config(*RUN, "train.steps=1", "model.conditional=true"), tmp_path / "run")
     args = [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.pt'}", "ref=train", "n=21", "ref_n=15", "isc=false", "kid=true",
-            f"metrics.inception_weights={weights}", "device=cpu"]  # fmt: skip
+            f"metrics.inception_weights={WEIGHTS}", "device=cpu"]  # fmt: skip
     # Separate caches: both compute their reference features (the two processes each half of them, gathered).
     torchrun("-m", "sagan.fid", *args, f"metrics.cache_dir={tmp_path / 'two'}", f"out={tmp_path / 'two.json'}", cwd=tmp_path)
     two = json.loads((tmp_path / "two.json").read_text())

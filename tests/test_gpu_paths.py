@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import compose_config
+from conftest import TRAINED, compose_config
 from sagan.checkpoint import load_checkpoint, load_network, serialize
 from sagan.evaluation.sampling import draw
 from sagan.models import build_models
@@ -106,19 +106,13 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(trained, tmp_path, cap
     with pytest.raises(RuntimeError, match="CUDA"):  # the file really holds GPU tensors
         torch.load(ckpt, weights_only=True)
     assert load_network(ckpt, "G_ema").num_classes == 3  # sagan.load
-    cfg = compose_config(*state_overrides(), "train.steps=3", "train.resume=auto")
+    cfg = compose_config(*TRAINED["cond"], "device=cpu", "train.steps=3", "train.resume=auto")
     with caplog.at_level("WARNING", logger="sagan"):
         result = loop.train(cfg, tmp_path / "run")
     assert result["step"] == 3
     assert "checkpoint was written on cuda, this run is on cpu" in caplog.text
-    set_rng_state(state["rng"])  # the CUDA state is left alone where there is no GPU
-
-
-def state_overrides() -> list[str]:
-    """The overrides the `trained` fixture's conditional run was made with."""
-    from conftest import TINY
-
-    return [*TINY, "model.conditional=true", "train.ckpt_every=2", "device=cpu"]
+    with torch.random.fork_rng(devices=[]):  # this process's generator is set back after the test
+        set_rng_state(state["rng"])  # the CUDA state is left alone where there is no GPU
 
 
 def test_diffaugment_continues_a_gpu_stream_on_the_cpu_with_a_seeded_one():

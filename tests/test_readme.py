@@ -24,6 +24,7 @@ import pytest
 
 import studiogan_parity as parity
 import studiogan_peer as peer
+from conftest import run_copy
 from sagan.ablate import AblateArgs, split_argv
 from sagan.ablation.studies import SCALES, variants
 from sagan.attention import AttentionArgs, render_checkpoint
@@ -72,10 +73,7 @@ def studiogan_run(tmp_path_factory) -> Path:
 @pytest.fixture
 def checkpoint(trained, tmp_path) -> Path:
     """The session's tiny conditional checkpoint (the README samples class=all), copied: commands write beside it."""
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    ckpt.parent.mkdir(parents=True)
-    shutil.copy(trained["cond"], ckpt)
-    return ckpt
+    return run_copy(trained["cond"], tmp_path)
 
 
 def test_the_readme_shows_every_command():

@@ -2,8 +2,6 @@
 torch-fidelity's statistics of all the features, across processes too; no N x 2048 tensor exists unless features are
 asked for; the cache keeps statistics only, and is computed again when features are asked for later."""
 
-import errno
-import os
 import subprocess
 import sys
 
@@ -23,9 +21,9 @@ from sagan.evaluation.reference_stats import cache_key, dataset_reference
 from sagan.utils.atomic_files import DiskFull
 from sagan.utils.processes import SINGLE, rank_part
 from sagan.utils.errors import UserError
+from conftest import WEIGHTS, needs_weights
+from test_run_dir import FullDisk
 
-WEIGHTS = os.environ.get("SAGAN_FID_WEIGHTS")
-needs_weights = pytest.mark.skipif(WEIGHTS is None, reason="needs SAGAN_FID_WEIGHTS (offline FID Inception weights)")
 EPS = np.finfo(np.float64).eps
 D = 2048
 
@@ -242,30 +240,19 @@ def test_reference_of_the_real_network_has_the_statistics_of_its_features(tmp_pa
     assert_statistics_equal(reference.mu, reference.sigma, pool)
 
 
-def full_disk_for(monkeypatch, name: str) -> None:
-    """os.fsync (atomic writes) failing with ENOSPC for files whose path contains `name`, as on a full disk."""
-    real_fsync = os.fsync
-
-    def fsync(fd):
-        if name in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-
-
 def test_a_full_disk_while_caching_warns_in_one_line_and_leaves_no_file(tmp_path, monkeypatch, caplog):
     """The statistics are computed: the evaluation goes on with them, the cache is left without a part of a file.
     A statistics file asked for (`save_ref=`) is another matter: the command stops with the same line."""
     dataset = MirrorShapes(size=6, resolution=8, seed=0, labels=False)
     path = tmp_path / "cache" / f"{cache_key(dataset, 8, None, 0, None)}.npz"
-    full_disk_for(monkeypatch, "sagan-ref-")
+    disk = FullDisk(monkeypatch, "sagan-ref-")
     reference = reference_of(dataset, fake_inception([]), tmp_path / "cache", need_features=False)
     assert_statistics_equal(reference.mu, reference.sigma, all_features(dataset, None, 0))
     warning = next(r.getMessage() for r in caplog.records if "not cached" in r.getMessage())
     assert "\n" not in warning and f"no space left on the device writing {path}: it needs 32.0 MiB" in warning
-    assert list(path.parent.iterdir()) == []  # no partial cache, no temporary file
-    full_disk_for(monkeypatch, "saved.npz")
+    assert list(path.parent.iterdir()) == [] and disk.hits == 1  # no partial cache, no temporary file
+    disk.name = "saved.npz"
     with pytest.raises(DiskFull, match=r"no space left on the device writing .*saved\.npz: it needs 32\.0 MiB"):
         save_reference_file(tmp_path / "saved.npz", reference)
+    assert disk.hits == 2
     assert not any(p.name.endswith(".npz") or p.name.endswith(".tmp") for p in tmp_path.iterdir())

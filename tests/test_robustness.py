@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PixelFeatures
+from conftest import WEIGHTS, PixelFeatures, needs_weights
 from sagan.checkpoint import load_checkpoint
 from sagan.training.loop import train
 from sagan.training.divergence import Diverged
@@ -232,17 +232,15 @@ def test_sigterm_during_the_reference_statistics_abandons_them_uncached(
 
 
 @pytest.mark.slow
+@needs_weights
 def test_sigterm_to_one_rank_during_an_evaluation_stops_every_rank_promptly(tmp_path):
     """Under torchrun the ranks gather features at the end of an evaluation: a signal that reaches one rank alone must
     make all of them give up the evaluation at the same batch (none left waiting in the gather) and checkpoint."""
-    weights = os.environ.get("SAGAN_FID_WEIGHTS")
-    if not weights:
-        pytest.skip("needs the offline FID Inception weights (SAGAN_FID_WEIGHTS)")
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sagan.train",
                *ARGS, "train.steps=4", "train.ckpt_every=100", "data.num_workers=0", "eval.every=2",
                "eval.num_samples=4000", "eval.ref_images=8", "eval.isc=false", "metrics.batch_size=4",
-               f"metrics.inception_weights={weights}", f"metrics.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"]  # fmt: skip
+               f"metrics.inception_weights={WEIGHTS}", f"metrics.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"]  # fmt: skip
     launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output = []

@@ -15,11 +15,6 @@ from sagan.sample import SampleArgs, sample
 from sagan.utils.errors import UserError
 
 
-@pytest.fixture
-def conditional_ckpt(trained):
-    return trained["cond"]
-
-
 def args(*argv):
     return parse_args(SampleArgs, list(argv))
 
@@ -47,25 +42,25 @@ def test_class_choices_and_truncation():
     assert seen[0].abs().max() <= 0.5 and seen[0].std() > 0.1
 
 
-def test_formats(conditional_ckpt, tmp_path):
-    sample(args(f"ckpt={conditional_ckpt}", "n=5", f"out={tmp_path / 'png'}", "class_=all"))
+def test_formats(trained, tmp_path):
+    sample(args(f"ckpt={trained['cond']}", "n=5", f"out={tmp_path / 'png'}", "class_=all"))
     files = sorted(p.name for p in (tmp_path / "png").iterdir())
     assert files == [f"{i:06d}.png" for i in range(5)] and Image.open(tmp_path / "png" / files[0]).size == (32, 32)
-    sample(args(f"ckpt={conditional_ckpt}", "n=5", f"out={tmp_path / 'npz'}", "format=npz", "class_=1"))
+    sample(args(f"ckpt={trained['cond']}", "n=5", f"out={tmp_path / 'npz'}", "format=npz", "class_=1"))
     data = np.load(tmp_path / "npz" / "samples.npz")
     assert data["images"].shape == (5, 32, 32, 3) and data["images"].dtype == np.uint8
     assert data["labels"].tolist() == [1] * 5
     # The PNG files hold exactly the npz pixels for the same seed and labels.
-    sample(args(f"ckpt={conditional_ckpt}", "n=5", f"out={tmp_path / 'png1'}", "class_=1"))
+    sample(args(f"ckpt={trained['cond']}", "n=5", f"out={tmp_path / 'png1'}", "class_=1"))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "png1" / "000003.png")), data["images"][3])
-    grid = sample(args(f"ckpt={conditional_ckpt}", "n=4", f"out={tmp_path / 'grid'}", "format=grid"))
+    grid = sample(args(f"ckpt={trained['cond']}", "n=4", f"out={tmp_path / 'grid'}", "format=grid"))
     assert Image.open(grid).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
     with pytest.raises(UserError, match="unknown format 'gif'"):
-        sample(args(f"ckpt={conditional_ckpt}", "format=gif"))
+        sample(args(f"ckpt={trained['cond']}", "format=gif"))
 
 
-def test_cli_class_argument(conditional_ckpt, tmp_path, monkeypatch, capsys):
-    argv = [f"ckpt={conditional_ckpt}", "n=3", f"out={tmp_path}", "format=npz"]
+def test_cli_class_argument(trained, tmp_path, monkeypatch, capsys):
+    argv = [f"ckpt={trained['cond']}", "n=3", f"out={tmp_path}", "format=npz"]
     code, _, stderr = run_command("sample", [*argv, "class=2"], monkeypatch, capsys)
     assert code == 0, stderr
     assert np.load(tmp_path / "samples.npz")["labels"].tolist() == [2, 2, 2]
@@ -137,8 +132,8 @@ def test_interpolations_run_between_seeded_draws():
         interpolations(G, 1, steps=1, seed=0)
 
 
-def test_interp_format_writes_a_grid_and_a_looping_gif(conditional_ckpt, tmp_path):
-    sample(args(f"ckpt={conditional_ckpt}", "n=3", "format=interp", "steps=5", f"out={tmp_path}", "interp=class"))
+def test_interp_format_writes_a_grid_and_a_looping_gif(trained, tmp_path):
+    sample(args(f"ckpt={trained['cond']}", "n=3", "format=interp", "steps=5", f"out={tmp_path}", "interp=class"))
     assert Image.open(tmp_path / "interp.png").size == (5 * 32 + 6 * 2, 3 * 32 + 4 * 2)  # a row per interpolation
     gif = Image.open(tmp_path / "interp.gif")
     assert gif.n_frames == 2 * 5 - 2 and gif.info["loop"] == 0  # forth and back without repeating the ends

@@ -31,8 +31,8 @@ class Optimizers:
         betas: tuple[float, float],
         eps: float,
         fused: bool,
-        loss_scaling: bool = False,
-        device_type: str = "cpu",
+        loss_scaling: bool,
+        device_type: str,
     ) -> None:
         self.lr = {"G": lr_g, "D": lr_d}
         # fused=None, not False, without fused Adam: torch then picks its multi-tensor (foreach) implementation.

@@ -29,12 +29,12 @@ from sagan.utils.errors import UserError
 log = logging.getLogger("sagan")
 
 
-# What train_step returns, on the device: the losses (D's of its last step), D's mean logit on the real and on the
-# fake images and the fraction of real ones it scores positive (2x it - 1 is StyleGAN2-ADA's overfitting heuristic
-# r_t), each the mean over the step's D steps, and the gradient norms of D (mean over its steps) and G.
 # The autocast dtype of each reduced precision (sagan.config.PRECISIONS); fp32 runs without autocast.
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+# What train_step returns, on the device: the losses (D's of its last step), D's mean logit on the real and on the
+# fake images and the fraction of real ones it scores positive (2x it - 1 is StyleGAN2-ADA's overfitting heuristic
+# r_t), each the mean over the step's D steps, and the gradient norms of D (mean over its steps) and G.
 STEP_VALUES = ("d_loss", "g_loss", "d_real", "d_fake", "d_real_positive", "grad_norm_d", "grad_norm_g")
 
 

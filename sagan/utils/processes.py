@@ -149,7 +149,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def resolve_perf(perf: Any, device: torch.device) -> dict[str, Any]:
     """The speed options for `device`: config values, with null / "auto" resolved; sets the global CUDA flags."""
     precision = auto_precision(device) if perf.precision == "auto" else perf.precision
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if perf.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError(
             "perf.precision=bf16, but this GPU has no native bf16 (GPUs before NVIDIA's Ampere, such as the V100 and "
             "T4, only emulate it): use perf.precision=fp16 (loss-scaled) or auto"
@@ -159,7 +159,7 @@ def resolve_perf(perf: Any, device: torch.device) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark
     return {
         "precision": precision,
-        "channels_last": precision in ("bf16", "fp16") if perf.channels_last is None else perf.channels_last,
+        "channels_last": precision != "fp32" if perf.channels_last is None else perf.channels_last,
         "fused_adam": device.type == "cuda" if perf.fused_adam is None else perf.fused_adam,
         "compile": perf.compile,
     }
